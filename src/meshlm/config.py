@@ -216,6 +216,11 @@ def _act(name: str) -> str:
 def from_hf_config(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
     """Map a Hugging Face config.json (llama, mistral, qwen2, falcon, gpt_neox, gptj) to ModelConfig."""
     mt = hf.get("model_type")
+    rp = hf.get("rope_parameters")  # transformers >= 5 nests RoPE settings here
+    if isinstance(rp, dict):
+        hf = {**hf, **{k: rp[k] for k in ("rope_theta", "partial_rotary_factor") if k in rp}}
+        if rp.get("rope_type", "default") != "default":
+            hf["rope_scaling"] = rp
     try:
         if mt in ("llama", "mistral", "qwen2"):
             E, H = hf["hidden_size"], hf["num_attention_heads"]
