@@ -1,0 +1,1 @@
+"""Checkpoint loaders: Hugging Face safetensors directories and GGUF files -> (ModelConfig, params, tokenizer)."""
