@@ -1,0 +1,266 @@
+"""Analytical cost model (Pope et al. 2022, §2 and App. A): time, memory, MFU and cost of one
+inference phase of a model under one layout. Pure Python, no JAX import.
+
+Communication is never invented here: the collectives of a forward pass come from
+`meshlm.comm.forward_collectives`, the inventory the sharded executor runs (checked against its
+compiled HLO). This module only prices them. docs/costmodel.md explains every formula.
+
+Per forward pass, on one chip (n = X*Y*Z chips, T = B*L tokens in the pass, S = cached length):
+    matmul  = 2 N_served T / n  FLOPs       / (peak * flops_efficiency)
+    attn    = 4 B L S H D n_layers / p_attn / (peak * flops_efficiency)
+    weights = bytes of weights the chip's matmuls read       / (hbm_bw * hbm_efficiency)
+    kv      = KV-cache bytes the chip reads (comm.kv_cache_bytes_per_device)
+    comm    = sum over collectives of bytes/bw(axes) * (K-1)/K * kind factor  + ring steps * hop latency
+    pass    = max(matmul, weights) + max(attn, kv) + comm
+i.e. a roofline per op class (weight matmuls are bound by FLOPs or by weight loading; attention by
+FLOPs or by KV loading) plus communication that is exposed (see `combine`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from meshlm.config import ModelConfig
+from meshlm.errors import MeshlmError
+from meshlm.hardware import ChipSpec
+from meshlm.layouts import PHASES, Layout
+
+ACT_BYTES = 2  # bf16 activations on accelerators (the paper's AQT keeps activations in bf16)
+KV_BYTES = 2  # bf16 K and V
+# Time factor per byte relative to an all-gather of the same per-device buffer (App. A.1: an
+# all-reduce is a reduce-scatter plus an all-gather; an all-to-all moves (K-1)/K of its buffer
+# once, like an all-gather; a collective-permute moves its whole buffer over one link pair).
+KIND_FACTOR = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0, "all-to-all": 1.0,
+               "collective-permute": 1.0}
+
+
+def _comm():
+    """The executor's collective inventory (meshlm.comm, contract in docs/costmodel.md)."""
+    from meshlm import comm
+
+    return comm
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """Seconds (and bytes) of one forward pass on one chip."""
+
+    matmul_s: float
+    attn_s: float
+    weight_mem_s: float
+    kv_mem_s: float
+    comm_bw_s: float  # exposed bandwidth term of the collectives (see forward_pass)
+    comm_latency_s: float  # ring-step latency term of every collective
+    comm_bytes: float  # bytes this chip sends per pass (sum of collective buffers)
+
+    @property
+    def compute_s(self) -> float:
+        return self.matmul_s + self.attn_s
+
+    @property
+    def memory_s(self) -> float:
+        return self.weight_mem_s + self.kv_mem_s
+
+    @property
+    def communication_s(self) -> float:
+        return self.comm_bw_s + self.comm_latency_s
+
+    @property
+    def total_s(self) -> float:
+        return max(self.matmul_s, self.weight_mem_s) + max(self.attn_s, self.kv_mem_s) + self.communication_s
+
+    def scaled(self, k: float) -> "PassCost":
+        return PassCost(*(getattr(self, f) * k for f in self.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One layout evaluated for one phase; `to_dict()` gives the CLI's JSON fields."""
+
+    model: str
+    chip: str
+    phase: str
+    batch: int
+    input_len: int
+    gen_len: int
+    layout: Layout
+    latency_s: float  # the whole phase (prefill pass, or all gen_len decode steps)
+    step_latency_s: float  # decode: mean per step; prefill: = latency_s
+    mfu: float
+    cost_chip_ms_per_token: float
+    memory_per_chip_bytes: float
+    memory: dict[str, float]  # weights, kv_cache, working_set
+    fits: bool
+    breakdown: dict[str, float]  # seconds over the phase
+    comm_bytes_per_chip: float  # over the phase
+
+    @property
+    def ffn(self) -> str:
+        return self.layout.ffn
+
+    @property
+    def attention(self) -> str:
+        return self.layout.attention
+
+    @property
+    def weights(self) -> str:
+        return self.layout.weights
+
+    @property
+    def mesh(self) -> list[int]:
+        return list(self.layout.mesh.as_tuple())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ffn": self.ffn, "attention": self.attention, "weights": self.weights, "mesh": self.mesh,
+                "n_chips": self.layout.mesh.n, "phase": self.phase, "batch": self.batch,
+                "input_len": self.input_len, "gen_len": self.gen_len, "latency_s": self.latency_s,
+                "step_latency_s": self.step_latency_s, "mfu": self.mfu,
+                "cost_chip_ms_per_token": self.cost_chip_ms_per_token,
+                "memory_per_chip_bytes": self.memory_per_chip_bytes, "memory": dict(self.memory),
+                "fits": self.fits, "breakdown": dict(self.breakdown),
+                "comm_bytes_per_chip": self.comm_bytes_per_chip}
+
+
+# ---- building blocks -------------------------------------------------------------------------
+def collective_time(chip: ChipSpec, layout: Layout, kind: str, axes: str, nbytes: float) -> tuple[float, float]:
+    """(bandwidth seconds, latency seconds) of one collective: App. A.1's D/bw * (K-1)/K."""
+    mesh = layout.mesh
+    k = mesh.size(axes)
+    if k <= 1 or nbytes <= 0:
+        return 0.0, 0.0
+    try:
+        factor = KIND_FACTOR[kind]
+    except KeyError:
+        raise MeshlmError(f"unknown collective kind {kind!r}") from None
+    bw = chip.group_bw(mesh, axes)
+    steps = chip.ring_steps(mesh, axes) * (2 if kind == "all-reduce" else 1)
+    return factor * nbytes / bw * chip.ring_factor(mesh, axes), steps * chip.hop_latency_s
+
+
+def served_batch(batch: int, layout: Layout) -> int:
+    """Sequences the executor computes: the batch padded so it splits over the layout's batch axes."""
+    return _comm().padded_batch(batch, layout)
+
+
+@functools.lru_cache(maxsize=4096)
+def matmul_params(cfg: ModelConfig, n_heads: int) -> int:
+    """Parameters that multiply every token: N as served (padded heads) without the input embedding
+    (a lookup, not a matmul) but with the output projection; tied embeddings count once."""
+    return cfg.n_params(n_heads) - (cfg.vocab * cfg.d_model if not cfg.tie_embeddings else 0)
+
+
+def is_weight_gather(c: Any) -> bool:
+    """Weight all-gathers (labels '<unit>.w_in.gather' / '.w_out.gather' in meshlm.comm) do not
+    depend on this layer's activations, so they can be prefetched under the matmuls."""
+    return c.kind == "all-gather" and ".w_" in c.what
+
+
+@functools.lru_cache(maxsize=65536)
+def _comm_totals(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch: int, q_len: int,
+                 kv_len: int) -> tuple[float, float, float, float]:
+    """(activation bandwidth s, weight-gather bandwidth s, latency s, bytes) of every collective
+    of one forward pass."""
+    act_s = w_s = lat_s = nbytes = 0.0
+    for c in _comm().forward_collectives(cfg, layout, phase, batch, q_len, kv_len, act_bytes=ACT_BYTES):
+        t_bw, t_lat = collective_time(chip, layout, c.kind, c.axes, c.bytes)
+        if is_weight_gather(c):
+            w_s += t_bw * c.count
+        else:
+            act_s += t_bw * c.count
+        lat_s += t_lat * c.count
+        nbytes += c.bytes * c.count
+    return act_s, w_s, lat_s, nbytes
+
+
+def weight_read_bytes(cfg: ModelConfig, layout: Layout) -> float:
+    """Weight bytes one chip streams from HBM per pass: its stored shard, times the weight-gather
+    group for weight-gathered layouts (the gathered copy is what the matmul reads)."""
+    stored = _comm().weight_bytes_per_device(cfg, layout)
+    return stored * layout.mesh.size(layout.plan.weight_gather)
+
+
+def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch: int, q_len: int,
+                 kv_len: float, kv_bytes_dev: float) -> PassCost:
+    """Cost of one forward pass of `q_len` tokens per sequence against `kv_len` cached ones
+    (kv_bytes_dev: the KV bytes this chip reads, from comm.kv_cache_bytes_per_device)."""
+    n = layout.mesh.n
+    tokens = served_batch(batch, layout) * q_len
+    h_served, _ = _comm().served_heads(cfg, layout.mesh)
+    flops = chip.flops
+    matmul = 2.0 * matmul_params(cfg, h_served) * tokens / n / flops
+    # Q.K and P.V: 2 FLOPs x 2 einsums per (token, cached position, head, head dim); every layout
+    # splits (padded) heads x sequences over all n chips.
+    attn = 4.0 * tokens * kv_len * h_served * cfg.d_head * cfg.n_layers / n / flops
+    wmem = weight_read_bytes(cfg, layout) / chip.mem_bw
+    kvmem = kv_bytes_dev / chip.mem_bw
+    act_s, w_s, lat_s, nbytes = _comm_totals(cfg, chip, layout, phase, batch, q_len, int(round(kv_len)))
+    # Weight gathers hide under the matmuls (prefetched a layer ahead, §3.5); what is left over,
+    # activation collectives (on the critical path) and ring-step latencies are exposed.
+    exposed = act_s + max(0.0, w_s - matmul)
+    return PassCost(matmul, attn, wmem, kvmem, exposed, lat_s, nbytes)
+
+
+def memory_per_chip(cfg: ModelConfig, layout: Layout, phase: str, batch: int, input_len: int,
+                    gen_len: int) -> dict[str, float]:
+    """Bytes per chip at the end of the phase: stored weights, the KV cache, and the largest
+    transient working set of one layer (gathered weights + activations of the pass)."""
+    comm = _comm()
+    mesh, plan = layout.mesh, layout.plan
+    weights = comm.weight_bytes_per_device(cfg, layout)
+    seq = input_len + (gen_len if phase == "decode" else 0)
+    kv = comm.kv_cache_bytes_per_device(cfg, layout, batch, seq, kv_bytes=KV_BYTES)
+    # The largest weight matrix after its gather (weight-gathered layouts), double-buffered so
+    # the next gather overlaps this matmul (§3.5).
+    gather = mesh.size(plan.weight_gather)
+    gathered = 2 * cfg.d_model * cfg.d_ff * layout.bytes_per_weight / mesh.size(plan.f_axes) if gather > 1 else 0.0
+    # Activations of one layer for the tokens this chip holds: the residual (E), the FFN hidden
+    # (F, twice when gated) and the attention q/o rows. Scores are computed per query block
+    # (flash-style), so they are not held whole.
+    tokens = served_batch(batch, layout) * (input_len if phase == "prefill" else 1)
+    t_local = tokens / mesh.size(plan.batch_axes)
+    hidden = (2 if cfg.gated_mlp else 1) * cfg.d_ff / mesh.size(plan.f_axes)
+    resid = cfg.d_model / mesh.size(plan.e_axes)
+    attn_rows = 2 * cfg.n_heads * cfg.d_head / mesh.size(plan.f_axes)
+    acts = t_local * (resid + hidden + attn_rows) * ACT_BYTES
+    return {"weights": weights, "kv_cache": kv, "working_set": gathered + acts}
+
+
+# ---- the public entry point ----------------------------------------------------------------------
+def estimate(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch: int, input_len: int,
+             gen_len: int) -> Estimate:
+    """Predict one phase: prefill of batch x input_len tokens, or gen_len decode steps whose
+    context grows from input_len + 1 to input_len + gen_len."""
+    if phase not in PHASES:
+        raise MeshlmError(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
+    for what, v in (("batch", batch), ("input length", input_len), ("generated length", gen_len)):
+        if not isinstance(v, int) or v < 1:
+            raise MeshlmError(f"{what} must be a positive integer, got {v!r}")
+    comm = _comm()
+    n = layout.mesh.n
+    if phase == "prefill":
+        kv_dev = comm.kv_cache_bytes_per_device(cfg, layout, batch, input_len, kv_bytes=KV_BYTES)
+        step = forward_pass(cfg, chip, layout, phase, batch, input_len, input_len, kv_dev)
+        steps, tokens = 1, batch * input_len
+    else:
+        # Every term is affine in the context length, so the sum over the gen_len steps equals
+        # gen_len times the step at the mean context (exact, and O(1) for the planner's sweeps).
+        kv_first = comm.kv_cache_bytes_per_device(cfg, layout, batch, input_len + 1, kv_bytes=KV_BYTES)
+        kv_last = comm.kv_cache_bytes_per_device(cfg, layout, batch, input_len + gen_len, kv_bytes=KV_BYTES)
+        s_mean = input_len + (gen_len + 1) / 2
+        step = forward_pass(cfg, chip, layout, phase, batch, 1, s_mean, (kv_first + kv_last) / 2)
+        steps, tokens = gen_len, batch * gen_len
+    latency = step.total_s * steps
+    mem = memory_per_chip(cfg, layout, phase, batch, input_len, gen_len)
+    total_mem = sum(mem.values())
+    mfu = 2.0 * cfg.n_params_mfu * tokens / (latency * n * chip.peak_flops)
+    ph = step.scaled(steps)
+    breakdown = {"compute": ph.compute_s, "memory": ph.memory_s, "communication": ph.communication_s,
+                 "matmul": ph.matmul_s, "attention": ph.attn_s, "weight_load": ph.weight_mem_s,
+                 "kv_load": ph.kv_mem_s, "comm_bandwidth": ph.comm_bw_s, "comm_latency": ph.comm_latency_s}
+    return Estimate(model=cfg.name, chip=chip.name, phase=phase, batch=batch, input_len=input_len,
+                    gen_len=gen_len, layout=layout, latency_s=latency, step_latency_s=latency / steps, mfu=mfu,
+                    cost_chip_ms_per_token=1e3 * n * latency / tokens, memory_per_chip_bytes=total_mem,
+                    memory=mem, fits=total_mem <= chip.hbm_bytes, breakdown=breakdown,
+                    comm_bytes_per_chip=ph.comm_bytes)

@@ -1,0 +1,199 @@
+"""Chip specs for the cost model: vendor peaks, interconnect topology, and the few global
+constants that turn peaks into achievable rates (docs/costmodel.md justifies each one).
+
+Pure Python, no JAX import. A spec is a frozen dataclass; `load_chip(name_or_path)` takes a
+preset name or a JSON file with the same fields (what `meshlm calibrate` writes for a CPU host).
+
+"Network bandwidth" (the paper's App. A.1 `bw`) is modelled **per mesh axis**: on a torus each
+chip has two links along every axis (one each way round the ring), so a collective over the axes
+`axes` gets `link_bw * 2 * (number of those axes with size > 1)` bytes/s per chip. Over all three
+axes of a TPU v4 that is the paper's 270 GB/s per chip; over one axis it is 90 GB/s. On an
+NVLink switch every group gets the GPU's full NVLink bandwidth while it fits in one switch domain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshlm.errors import MeshlmError
+from meshlm.layouts import MeshShape
+
+TOPOLOGIES = ("3d-torus", "2d-torus", "nvlink-switch", "switch")
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class ChipSpec:
+    name: str
+    peak_flops: float  # dense bf16 matmul FLOP/s per chip (vendor peak)
+    hbm_bytes: float  # memory capacity per chip
+    hbm_bw: float  # memory bandwidth per chip, bytes/s (vendor peak)
+    link_bw: float  # one-way bandwidth of one interconnect link (torus) or of the chip's switch port, bytes/s
+    topology: str  # one of TOPOLOGIES
+    torus_dims: int = 0  # physical torus dimensions (3 for v4/v5p, 2 for v5e/v6e; 0 for switches)
+    switch_domain: int = 0  # chips behind one switch (NVLink: 8); 0 for a torus
+    scaleout_bw: float = 0.0  # per-chip bandwidth between switch domains (InfiniBand), bytes/s
+    wraparound_min_chips: int = 0  # torus slices smaller than this have no wraparound links (TPU v4: 64)
+    # ---- global achievable-fraction constants (not vendor numbers; docs/costmodel.md) ----------
+    flops_efficiency: float = 0.8  # fraction of peak FLOP/s large matmuls sustain
+    hbm_efficiency: float = 0.8  # fraction of peak HBM bandwidth streaming reads sustain
+    hop_latency_s: float = 3e-6  # fixed cost of one ring step of a collective (sync + link latency)
+    vendor_peaks: tuple[str, ...] = ("peak_flops", "hbm_bytes", "hbm_bw", "link_bw")
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise MeshlmError(f"chip {self.name!r}: topology must be one of {TOPOLOGIES}, got {self.topology!r}")
+        positive = ("peak_flops", "hbm_bytes", "hbm_bw", "link_bw", "flops_efficiency", "hbm_efficiency")
+        for f in positive:
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise MeshlmError(f"chip {self.name!r}: {f} must be a positive number, got {v!r}")
+        if not (0 < self.flops_efficiency <= 1 and 0 < self.hbm_efficiency <= 1):
+            raise MeshlmError(f"chip {self.name!r}: efficiencies must be in (0, 1]")
+        if self.hop_latency_s < 0:
+            raise MeshlmError(f"chip {self.name!r}: hop_latency_s must be >= 0")
+        if self.topology.endswith("torus") and self.torus_dims != int(self.topology[0]):
+            raise MeshlmError(f"chip {self.name!r}: a {self.topology} has torus_dims {self.topology[0]}")
+        if self.topology in ("nvlink-switch", "switch") and self.switch_domain < 1:
+            raise MeshlmError(f"chip {self.name!r}: a switch topology needs switch_domain >= 1")
+
+    # ---- achievable rates ---------------------------------------------------------------------
+    @property
+    def flops(self) -> float:
+        return self.peak_flops * self.flops_efficiency
+
+    @property
+    def mem_bw(self) -> float:
+        return self.hbm_bw * self.hbm_efficiency
+
+    @property
+    def chip_link_bw(self) -> float:
+        """Per-chip injection bandwidth over every axis at once (TPU v4: 6 x 45 GB/s = 270 GB/s)."""
+        if self.torus_dims:
+            return 2 * self.torus_dims * self.link_bw
+        return self.link_bw
+
+    def group_bw(self, mesh: MeshShape, axes: str) -> float:
+        """Bytes/s per chip for a collective over the mesh axes `axes` (see module docstring)."""
+        used = [a for a in axes if mesh.size(a) > 1]
+        if not used:
+            return float("inf")
+        if self.torus_dims:
+            # A collective over several axes runs one ring per axis in sequence; the data grows by
+            # k_a per phase, so the phase times telescope to D/(2 link_bw) * (K-1)/K: one axis's
+            # two links, whatever the group (docs/costmodel.md, "network bandwidth").
+            return 2 * self.link_bw
+        return self.link_bw if self.in_switch_domain(mesh, axes) else self.scaleout_bw or self.link_bw
+
+    def in_switch_domain(self, mesh: MeshShape, axes: str) -> bool:
+        """Chips are numbered with z minor: a group stays in one switch domain when the block of
+        axes from its most-major axis down to z fits in the domain."""
+        if not self.switch_domain:
+            return True
+        major = min("xyz".index(a) for a in axes)
+        return mesh.size("xyz"[major:]) <= self.switch_domain
+
+    def ring_factor(self, mesh: MeshShape, axes: str) -> float:
+        """App. A.1's (K-1)/K. Without wraparound an axis is a line: its middle link carries half
+        the data each way, so the time is D/bw with no (K-1)/K saving."""
+        k = mesh.size(axes)
+        if self.torus_dims and mesh.n < self.wraparound_min_chips:
+            return 1.0
+        return (k - 1) / k
+
+    def ring_steps(self, mesh: MeshShape, axes: str) -> int:
+        """Sequential ring steps of one collective: one ring per torus axis, one ring on a switch."""
+        if self.torus_dims:
+            return sum(mesh.size(a) - 1 for a in axes)
+        return mesh.size(axes) - 1
+
+    def mesh_shapes(self, n_chips: int) -> list[MeshShape]:
+        """Candidate meshes for n chips. On a 3D torus the mesh is a physical slice (the paper's
+        X, Y, Z are torus axes): power-of-two sides within 2x of each other (TPU v4: 2x2x2,
+        2x2x4, 2x4x4, 4x4x4, 4x4x8, ...), in every orientation. Elsewhere any factorization."""
+        every = MeshShape.all_for(n_chips)
+        if self.torus_dims != 3:
+            return every
+        out = []
+        for m in every:
+            a, b, c = sorted(m.as_tuple())
+            if all(v & (v - 1) == 0 for v in (a, b, c)) and c <= 2 * b and b <= 2 * a and (n_chips < 8 or a >= 2):
+                out.append(m)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["vendor_peaks"] = list(self.vendor_peaks)
+        return d
+
+
+# ---- presets -------------------------------------------------------------------------------------
+# The efficiency constants are the same for every chip unless a measurement says otherwise
+# (docs/costmodel.md: 'Constants'); they are never set per model or per configuration.
+_DEFAULT_CONSTANTS = dict(flops_efficiency=0.8, hbm_efficiency=0.8, hop_latency_s=3e-6)
+
+CHIPS: dict[str, ChipSpec] = {
+    c.name: c
+    for c in [
+        # [P] §4: 275 TFLOP/s bf16, 32 GiB HBM at 1.2 TB/s, 270 GB/s = 6 links x 45 GB/s, 3D torus.
+        ChipSpec("tpu-v4", 275e12, 32 * GiB, 1.2e12, 45e9, "3d-torus", torus_dims=3, wraparound_min_chips=64, **_DEFAULT_CONSTANTS,
+                 source="Pope et al. 2022 §4; links: scaling-book tpus.md"),
+        ChipSpec("tpu-v5e", 197e12, 16 * GiB, 8.1e11, 45e9, "2d-torus", torus_dims=2, **_DEFAULT_CONSTANTS,
+                 source="cloud.google.com/tpu/docs/v5e; scaling-book tpus.md"),
+        ChipSpec("tpu-v5p", 459e12, 95 * GiB, 2.765e12, 90e9, "3d-torus", torus_dims=3, **_DEFAULT_CONSTANTS,
+                 source="cloud.google.com/tpu/docs/v5p; scaling-book tpus.md"),
+        ChipSpec("tpu-v6e", 918e12, 32 * GiB, 1.64e12, 90e9, "2d-torus", torus_dims=2, **_DEFAULT_CONSTANTS,
+                 source="cloud.google.com/tpu/docs/v6e; scaling-book tpus.md"),
+        # NVIDIA datasheets: dense bf16 (no sparsity); NVLink is quoted bidirectional, halved here.
+        ChipSpec("a100-80g", 312e12, 80 * GiB, 2.039e12, 300e9, "nvlink-switch", switch_domain=8,
+                 scaleout_bw=25e9, **_DEFAULT_CONSTANTS, source="NVIDIA A100 datasheet (SXM4 80GB), NVLink3 600 GB/s, HDR IB 200 Gb/s"),
+        ChipSpec("h100-sxm", 989e12, 80 * GiB, 3.35e12, 450e9, "nvlink-switch", switch_domain=8,
+                 scaleout_bw=50e9, **_DEFAULT_CONSTANTS, source="NVIDIA H100 datasheet (SXM5), NVLink4 900 GB/s, NDR IB 400 Gb/s"),
+        ChipSpec("h200", 989e12, 141e9, 4.8e12, 450e9, "nvlink-switch", switch_domain=8,
+                 scaleout_bw=50e9, **_DEFAULT_CONSTANTS, source="NVIDIA H200 datasheet (SXM), NVLink4 900 GB/s, NDR IB 400 Gb/s"),
+    ]
+}
+
+_FIELDS = {f.name for f in dataclasses.fields(ChipSpec)}
+_REQUIRED = {"name", "peak_flops", "hbm_bytes", "hbm_bw", "link_bw", "topology"}
+
+
+def chip_from_dict(d: Any, where: str = "chip spec") -> ChipSpec:
+    if not isinstance(d, dict):
+        raise MeshlmError(f"{where} must be a JSON object")
+    unknown = sorted(set(d) - _FIELDS)
+    missing = sorted(_REQUIRED - set(d))
+    if unknown:
+        raise MeshlmError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    if missing:
+        raise MeshlmError(f"{where}: missing field(s) {', '.join(missing)}")
+    d = dict(d)
+    if "vendor_peaks" in d:
+        d["vendor_peaks"] = tuple(d["vendor_peaks"])
+    try:
+        return ChipSpec(**d)
+    except TypeError as e:
+        raise MeshlmError(f"{where}: {e}") from None
+
+
+def load_chip(name_or_path: str) -> ChipSpec:
+    """A preset name or a JSON file holding one ChipSpec object."""
+    if name_or_path in CHIPS:
+        return CHIPS[name_or_path]
+    p = Path(name_or_path)
+    if not p.is_file():
+        raise MeshlmError(f"unknown chip {name_or_path!r}; known: {', '.join(CHIPS)} or a path to a JSON spec")
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MeshlmError(f"cannot read chip spec {p}: {e}") from None
+    return chip_from_dict(d, where=f"chip spec {p}")
+
+
+def save_chip(chip: ChipSpec, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(chip.to_dict(), indent=2) + "\n")
