@@ -1,0 +1,309 @@
+"""The inference engine: prefill, insert, generate over a fixed set of decode slots.
+
+    prefill  prompts (right-padded to a length bucket) -> a prefill KV cache and each prompt's first token
+    insert   one prefilled sequence into a decode slot of the engine's preallocated KV cache
+    generate one decode step for every slot -> the next token of each
+
+Each step is jitted once per shape bucket, samples inside the jitted function and donates the KV
+cache, so the only device->host traffic per token is the sampled ids. The model is reached
+through a small `Backend` (see `ReferenceBackend`; the sharded model provides one per layout),
+so the same engine drives the unsharded oracle and every prefill/decode layout.
+
+Text is handled on the host: `Detokenizer` turns ids into text deltas (never splitting a
+multi-byte UTF-8 character) and applies stop strings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meshlm import reference
+from meshlm.config import ModelConfig
+from meshlm.errors import MeshlmError
+from meshlm.sampling import SamplingParams, batch_arrays, sample
+
+
+class Backend(Protocol):
+    """What the engine needs from a model. `prefill`/`decode` are traced inside the engine's jit."""
+
+    cfg: ModelConfig
+
+    def init_cache(self, batch: int, max_len: int) -> Any: ...
+    def prefill(self, params, tokens, lengths, cache) -> tuple[jax.Array, Any]: ...
+    def decode(self, params, cache, tokens, positions) -> tuple[jax.Array, Any]: ...
+
+
+@dataclass
+class ReferenceBackend:
+    """The unsharded reference model on one device."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+
+    def init_cache(self, batch, max_len):
+        return reference.init_cache(self.cfg, batch, max_len, self.dtype)
+
+    def prefill(self, params, tokens, lengths, cache):
+        return reference.prefill(params, self.cfg, tokens, lengths, cache)
+
+    def decode(self, params, cache, tokens, positions):
+        return reference.decode(params, self.cfg, cache, tokens, positions)
+
+
+def bucket(n: int, lo: int = 8) -> int:
+    """Shape bucket: the next power of two >= n (at least lo), so few distinct shapes compile."""
+    return max(lo, 1 << max(0, n - 1).bit_length())
+
+
+@dataclass
+class Prefilled:
+    """A prefill result: its cache (batch = len(first_ids) rounded up) and per-prompt state."""
+
+    cache: Any
+    lengths: list[int]
+    first_ids: list[int]
+
+
+class Engine:
+    """prefill / insert / generate over `slots` decode slots of `max_len` positions each."""
+
+    def __init__(self, backend: Backend, params, *, slots: int = 4, max_len: int = 512,
+                 prefill_backend: Backend | None = None, eos_ids: Sequence[int] = ()):
+        self.backend, self.params = backend, params
+        self.prefill_backend = prefill_backend or backend  # prefill may run another layout
+        self.cfg = backend.cfg
+        self.slots, self.max_len = slots, min(max_len, self.cfg.max_seq_len)
+        self.eos_ids = tuple(eos_ids)
+        self.cache = backend.init_cache(slots, self.max_len)  # preallocated once, donated every step
+        self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(3,))
+        self._insert_jit = jax.jit(_insert_fn, donate_argnums=(0,))
+        self._generate_jit = jax.jit(self._generate_fn, donate_argnums=(1,))
+        # host-side slot state
+        self.tokens = np.zeros(slots, np.int32)  # last sampled token of each slot (the next input)
+        self.positions = np.zeros(slots, np.int32)  # position that token takes
+        self.sampling = [SamplingParams()] * slots
+        self._sp = batch_arrays(self.sampling)
+        self.stats = RunStats()
+
+    # ---- jitted bodies -------------------------------------------------------------------------
+    def _prefill_fn(self, params, tokens, lengths, cache, sp):
+        logits, cache = self.prefill_backend.prefill(params, tokens, lengths, cache)
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+        return sample(last, lengths, sp), cache
+
+    def _generate_fn(self, params, cache, tokens, positions, sp):
+        logits, cache = self.backend.decode(params, cache, tokens, positions)
+        return sample(logits, positions + 1, sp), cache
+
+    # ---- the three phases ------------------------------------------------------------------------
+    def prefill(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams]) -> Prefilled:
+        """Run prompts (token id lists, any lengths) together; returns their cache and first tokens."""
+        lengths = [len(p) for p in prompts]
+        if min(lengths) < 1:
+            raise MeshlmError("empty prompt: at least one token is needed")
+        if max(lengths) >= self.max_len:
+            raise MeshlmError(f"prompt of {max(lengths)} tokens does not fit the context of {self.max_len}")
+        B, L = bucket(len(prompts), 1), min(bucket(max(lengths)), self.max_len)
+        tokens = np.zeros((B, L), np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = p
+        lens = np.array(lengths + [1] * (B - len(prompts)), np.int32)  # dummy rows: one pad token
+        sp = batch_arrays(list(sampling) + [SamplingParams()] * (B - len(prompts)))
+        cache = self.prefill_backend.init_cache(B, L)
+        ids, cache = self._prefill_jit(self.params, tokens, lens, cache, sp)
+        return Prefilled(cache, lengths, [int(i) for i in np.asarray(ids)[:len(prompts)]])
+
+    def insert(self, pre: Prefilled, index: int, slot: int, sampling: SamplingParams) -> None:
+        """Copy prefilled sequence `index` into decode slot `slot` (its first token becomes the next input)."""
+        self.cache = self._insert_jit(self.cache, pre.cache, jnp.int32(index), jnp.int32(slot))
+        self.tokens[slot], self.positions[slot] = pre.first_ids[index], pre.lengths[index]
+        self.sampling[slot] = sampling
+        self._sp = batch_arrays(self.sampling)
+
+    def generate(self) -> np.ndarray:
+        """One decode step for all slots -> the sampled token of each slot (host array [slots])."""
+        positions = np.minimum(self.positions, self.max_len - 1)
+        ids, self.cache = self._generate_jit(self.params, self.cache, self.tokens, positions, self._sp)
+        ids = np.asarray(ids)
+        self.tokens = ids.astype(np.int32)
+        self.positions = self.positions + 1
+        return ids
+
+    # ---- a whole batch of requests ---------------------------------------------------------------
+    def stream(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams] | SamplingParams,
+               accept: Callable[[int, int], bool] | None = None) -> Iterator[tuple[int, int]]:
+        """Generate for every prompt, `slots` at a time, yielding (request, token id) as sampled.
+
+        A request ends on EOS (not yielded), max_tokens, the context limit, or when
+        accept(request, id) returns False (that token is still yielded). Timings and finish
+        reasons of the run are in `self.stats`."""
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        stats = self.stats = RunStats()
+        t0 = time.perf_counter()
+        pending = list(range(len(prompts)))
+        owner: dict[int, int] = {}  # slot -> request
+        count = [0] * len(prompts)
+
+        def verdict(req: int, tok: int, position: int) -> tuple[bool, bool]:
+            """(yield this token?, does the request continue?)"""
+            sp = sampling[req]
+            if tok in self.eos_ids and not sp.ignore_eos:
+                stats.finish[req] = "stop"
+                return False, False
+            count[req] += 1
+            if accept is not None and accept(req, tok) is False:
+                stats.finish[req] = "stop"
+                return True, False
+            if count[req] >= sp.max_tokens or position + 1 >= self.max_len:
+                stats.finish[req] = "length"
+                return True, False
+            return True, True
+
+        while pending or owner:
+            free = [s for s in range(self.slots) if s not in owner]
+            if pending and free:
+                batch, pending = pending[:len(free)], pending[len(free):]
+                pre = self.prefill([prompts[r] for r in batch], [sampling[r] for r in batch])
+                if stats.ttft_s is None:
+                    stats.ttft_s = time.perf_counter() - t0
+                for i, req in enumerate(batch):
+                    emit, go_on = verdict(req, pre.first_ids[i], pre.lengths[i])
+                    if emit:
+                        yield req, pre.first_ids[i]
+                    if go_on:
+                        self.insert(pre, i, free[i], sampling[req])
+                        owner[free[i]] = req
+                continue
+            t = time.perf_counter()
+            ids = self.generate()
+            stats.decode_s += time.perf_counter() - t
+            stats.decode_steps += 1
+            for slot, req in list(owner.items()):
+                emit, go_on = verdict(req, int(ids[slot]), int(self.positions[slot]))
+                if emit:
+                    yield req, int(ids[slot])
+                if not go_on:
+                    del owner[slot]
+        stats.total_s = time.perf_counter() - t0
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]],
+                     sampling: Sequence[SamplingParams] | SamplingParams) -> list[list[int]]:
+        """Generated token ids of every prompt (blocking)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for req, tok in self.stream(prompts, sampling):
+            out[req].append(tok)
+        return out
+
+
+def _insert_fn(cache, pre_cache, index, slot):
+    """cache[:, slot, :L] <- pre_cache[:, index] for every cache array (L: the prefill bucket)."""
+    def put(dst, src):
+        row = jax.lax.dynamic_index_in_dim(src, index, axis=1, keepdims=True)  # [Y, 1, L, K, D]
+        return jax.lax.dynamic_update_slice_in_dim(dst, row.astype(dst.dtype), slot, axis=1)
+    return jax.tree.map(put, cache, pre_cache)
+
+
+@dataclass
+class RunStats:
+    ttft_s: float | None = None  # start -> first token of the first prefill batch
+    decode_s: float = 0.0  # time in decode steps
+    decode_steps: int = 0
+    total_s: float = 0.0
+    finish: dict[int, str] = field(default_factory=dict)  # request -> "stop" | "length"
+
+    @property
+    def decode_s_per_step(self) -> float:
+        return self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+
+# ---- text ----------------------------------------------------------------------------------------
+class Detokenizer:
+    """Token ids -> text deltas for one request: never emits half a UTF-8 character, holds back
+    text that could be the start of a stop string, and ends the request at a stop string."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
+        self.decode, self.stop = decode, tuple(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""  # the request's text so far (cut before a stop string once found)
+        self.emitted = ""
+        self.stopped = False
+
+    def add(self, tok: int) -> bool:
+        """Append a token; False once a stop string has appeared (the request should end)."""
+        self.ids.append(tok)
+        text = self.decode(self.ids)
+        cuts = [i for i in (text.find(s, max(0, len(self.emitted))) for s in self.stop) if i >= 0]
+        if cuts:
+            text, self.stopped = text[:min(cuts)], True
+        self.text = text
+        return not self.stopped
+
+    def delta(self, final: bool = False) -> str:
+        """The text not yet emitted that is safe to emit now (everything, when final)."""
+        t = self.text
+        if not (final or self.stopped):
+            t = t.rstrip("\ufffd")  # an incomplete multi-byte character decodes to U+FFFD
+            t = t[:max(0, len(t) - self.hold)]
+        if len(t) <= len(self.emitted):
+            return ""
+        d = t[len(self.emitted):]
+        self.emitted = t
+        return d
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+class TextGenerator:
+    """Text in, text out: tokenizer + engine. `stream` yields text deltas; `complete` whole texts."""
+
+    def __init__(self, engine: Engine, tokenizer):
+        self.engine, self.tokenizer = engine, tokenizer
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(text, add_special=False)
+        return self.tokenizer.encode(prompt)
+
+    def stream_many(self, prompt_ids: Sequence[Sequence[int]], sampling: Sequence[SamplingParams] | SamplingParams,
+                    ) -> Iterator[tuple[int, str, Detokenizer]]:
+        """(request, text delta, its detokenizer) as tokens arrive; a final delta per request at its end."""
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompt_ids)
+        detoks = [Detokenizer(self.tokenizer.decode, sp.stop) for sp in sampling]
+        for req, tok in self.engine.stream(prompt_ids, sampling, accept=lambda r, t: detoks[r].add(t)):
+            d = detoks[req].delta()
+            if d:
+                yield req, d, detoks[req]
+        for req, dt in enumerate(detoks):
+            yield req, dt.delta(final=True), dt
+
+    def stream(self, prompt: str, sampling: SamplingParams, chat: bool = False) -> Iterator[str]:
+        """Text deltas of one prompt's continuation."""
+        for _, d, _ in self.stream_many([self.encode(prompt, chat)], sampling):
+            if d:
+                yield d
+
+    def complete(self, prompts: Sequence[str], sampling: Sequence[SamplingParams] | SamplingParams,
+                 chat: bool = False) -> list[Completion]:
+        ids = [self.encode(p, chat) for p in prompts]
+        detoks: dict[int, Detokenizer] = {}
+        for req, _, dt in self.stream_many(ids, sampling):
+            detoks[req] = dt
+        return [Completion(ids[r], detoks[r].ids, detoks[r].text, self.engine.stats.finish.get(r, "length"))
+                for r in range(len(prompts))]
