@@ -16,7 +16,8 @@ Conventions the executor follows (and this module therefore counts):
   the final hidden state is all-gathered over xyz, the logits (f32) are all-gathered over xyz.
 - A collective over a group of size 1 does not exist (neither here nor in the program).
 - Norm statistics when E is split (ws2d: E_x after the all-gather): one f32 all-reduce over the
-  E axes per normed tensor of the per-token sums (1 value for RMSNorm, 2 for LayerNorm).
+  E axes per normed tensor of the per-token sums (1 value for RMSNorm, 2 for LayerNorm); with
+  collective matmul the norm runs before the gather, so the all-reduce spans all of E's axes.
 - Parallel block: attention and FFN input projections are one fused matrix, output projections
   another, so a layer has one reduce-scatter per axis group where the serial block has two.
 - Collective matmul (layout.collective_matmul): the activation all-gather before the input matmul
@@ -29,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from meshlm.layouts import FFN_PLANS, Layout, MeshShape
+from meshlm.layouts import Layout, MeshShape, parse_spec
 
 COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 STAT_BYTES = 4  # norm statistics are reduced in f32
@@ -96,7 +97,7 @@ def padded_batch(batch: int, layout: Layout) -> int:
     return _round_up(batch, batch_multiple(layout))
 
 
-def _f_axes(layout: Layout) -> str:
+def proj_head_axes(layout: Layout) -> str:
     """Axes F (and the heads) are split over after the input matmul and its reduce-scatter, major
     first. Stored F is split z-major ('zy'), so that gathering y leaves F_z contiguous."""
     p = layout.plan
@@ -107,7 +108,7 @@ def attention_axes(layout: Layout) -> tuple[str, str]:
     """(batch axes, head axes) of the attention computation and of the KV cache."""
     if layout.attention == "batch":
         return "xyz", ""
-    return layout.plan.batch_axes, _f_axes(layout)
+    return layout.plan.batch_axes, proj_head_axes(layout)
 
 
 # ---- the inventory -----------------------------------------------------------------------------------
@@ -142,10 +143,11 @@ def forward_collectives(cfg, layout: Layout, phase: str, batch: int, q_len: int,
     ea = live_axes(p.e_axes, m)
     ag = live_axes(p.act_gather, m)
     wg = live_axes(p.weight_gather, m)
-    fa_size = m.size(_f_axes(layout))  # F split after the input matmul (+ RS over E axes)
+    fa_size = m.size(proj_head_axes(layout))  # F split after the input matmul (+ RS over E axes)
     st_size = m.size(p.f_axes)  # F split in the (gathered) weights
     e_size = m.size(p.e_axes)
     nstat = 1 if cfg.norm == "rmsnorm" else 2
+    resid_e = dict(parse_spec(p.resid))["E"]
     out: list[Collective] = []
 
     def add(kind, axes, nbytes, count, what):
@@ -162,11 +164,13 @@ def forward_collectives(cfg, layout: Layout, phase: str, batch: int, q_len: int,
     for name, c_in, c_mid, has_attn in _units(cfg, m):
         gather_or_loop("all-gather", ag, Bl * L * E / e_size * a, f"{name}.act_gather")
         # one normed tensor per unit (the parallel block's two norms share the statistics of x)
-        add("all-reduce", ea, Bl * L * nstat * STAT_BYTES, Y, f"{name}.norm_stats")
+        # collective matmul normalises before gathering: the statistics span all of E's axes
+        stat_axes = live_axes(resid_e, m) if (layout.collective_matmul and ag) else ea
+        add("all-reduce", stat_axes, Bl * L * nstat * STAT_BYTES, Y, f"{name}.norm_stats")
         add("all-gather", wg, E / e_size * c_in / st_size * w, Y, f"{name}.w_in.gather")
         add("reduce-scatter", ea, Bl * L * c_in / st_size * a, Y, f"{name}.in.reduce_scatter")
         if has_attn and layout.attention == "batch":
-            ha = live_axes(_f_axes(layout), m)
+            ha = live_axes(proj_head_axes(layout), m)
             add("all-to-all", ha, Bl * L * (Hs + 2 * Kx) * D / fa_size * a, Y, "attn.qkv.all_to_all")
             add("all-to-all", ha, Bl * L * Hs * D / fa_size * a, Y, "attn.out.all_to_all")
         add("all-gather", ea, Bl * L * c_mid / st_size * a, Y, f"{name}.mid.all_gather")
@@ -230,5 +234,5 @@ def weight_bytes_per_device(cfg, layout: Layout) -> float:
     if int8:
         total += n_vocab_mats * Vs * 4
     if cfg.lm_head_bias:
-        total += Vs * 4
+        total += Vs / n * 4
     return total

@@ -1,0 +1,59 @@
+"""int8 weight-only quantization: a weight is a small pytree {"q": int8 [..., R, C], "s": f32 [C]}
+with one scale per output channel C (symmetric, absmax / 127). Activations are not quantized (as in
+the paper, §3.6): the matmul runs in f32 (CPU) or the activation dtype.
+
+On CPU the fast path (DESIGN.md, measured) dequantizes one block of ~256 rows at a time inside
+lax.scan and dots in f32, so the whole weight is never converted at once; the per-channel scale is
+applied once to the matmul output."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROW_BLOCK = 256
+
+
+def quantize(w, axis: int = -1):
+    """w [..., C] (any float) -> {"q": int8, "s": f32 scales over `axis` kept (others reduced)}."""
+    w = np.asarray(w, dtype=np.float32)
+    ax = axis % w.ndim
+    red = tuple(i for i in range(w.ndim) if i != ax)
+    s = np.max(np.abs(w), axis=red) / 127.0
+    s = np.where(s == 0, 1.0, s).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[ax] = -1
+    q = np.clip(np.rint(w / s.reshape(shape)), -127, 127).astype(np.int8)
+    return {"q": q, "s": s}
+
+
+def dequantize(t, axis: int = -1):
+    shape = [1] * t["q"].ndim
+    shape[axis % t["q"].ndim] = -1
+    return t["q"].astype(jnp.float32) * jnp.reshape(t["s"], shape)
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, dict) and "q" in w
+
+
+def dot_rows(x, w, dtype):
+    """x [M, R] @ w [R, C] with w int8 (unscaled) or float; result in `dtype` (f32 accumulate).
+
+    int8: per-block dequantization in a scan when R splits into ROW_BLOCK rows (CPU fast path)."""
+    if w.dtype != jnp.int8:
+        return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    R = w.shape[0]
+    if R <= ROW_BLOCK or R % ROW_BLOCK:
+        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)).astype(dtype)
+    nb = R // ROW_BLOCK
+    xb = x.astype(jnp.float32).reshape(x.shape[0], nb, ROW_BLOCK).transpose(1, 0, 2)
+    wb = w.reshape(nb, ROW_BLOCK, w.shape[1])
+
+    def step(acc, xw):
+        xi, wi = xw
+        return acc + jnp.dot(xi, wi.astype(jnp.float32)), None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], w.shape[1]), jnp.float32), (xb, wb))
+    return acc.astype(dtype)

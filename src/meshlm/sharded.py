@@ -1,0 +1,211 @@
+"""The sharded model: every layout of the paper running under jax.shard_map on an (x, y, z) mesh,
+equal to meshlm.reference and moving exactly the bytes meshlm.comm predicts.
+
+API (same semantics as meshlm.reference, see notes in docs/layouts.md):
+
+    sm = ShardedModel(cfg, MeshShape(2, 2, 2), devices=None, act_dtype=jnp.float32)
+    params = sm.shard_params(canonical_params, weights="f32" | "bf16" | "int8", storage="2d" | "1d")
+        # each stored leaf goes straight onto its shards (host numpy -> device_put with its
+        # NamedSharding); "2d" (E_x F_yz) serves ws2d and every weight-gathered layout, ws1d needs
+        # "1d" (E F_xyz). sm.param_specs(params) gives the PartitionSpec of every stored leaf.
+    cache = sm.init_cache(layout, batch, max_len)      # batch padded to comm.padded_batch
+    logits, cache = sm.prefill(layout, params, tokens[B, L], lengths[B], cache, all_logits=False)
+        # logits [B, V] at each prompt's last position (all_logits=True: [B, L, V]), replicated f32
+    logits, cache = sm.decode(layout, params, cache, tokens[B], positions[B])   # logits [B, V]
+    cache = sm.convert_cache(cache, to_layout)          # e.g. heads-prefill cache -> batch decode
+    sm.cache_to_reference(cache, batch) / sm.cache_from_reference(ref_cache, layout)
+    sm.lowered(layout, phase, params, ...)              # for HLO inspection (meshlm.hlo)
+
+The cache's stored sharding belongs to the attention layout that reads it (comm.attention_axes):
+prefill and decode may use different FFN layouts on the same cache whenever their attention
+layouts agree; otherwise convert it explicitly (one resharding, done by XLA). Each (layout, phase,
+shapes) is jit-compiled once; the cache is donated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from meshlm import comm
+from meshlm.errors import MeshlmError
+from meshlm.layouts import Layout, MeshShape
+from meshlm.mesh import make_mesh
+from meshlm.quant import is_quantized
+from meshlm.sharded_body import Body
+from meshlm.sharded_params import Geometry, build_stored, stored_specs
+
+
+def _spec_of(axes: str):
+    return tuple(axes) if axes else None
+
+
+class ShardedModel:
+    def __init__(self, cfg, mesh_shape: MeshShape, devices=None, act_dtype=jnp.float32):
+        self.cfg, self.mesh_shape = cfg, mesh_shape
+        self.geo = Geometry(cfg, mesh_shape)
+        self.mesh = make_mesh(mesh_shape, devices)
+        self.act_dtype = act_dtype
+        self._fns: dict = {}
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def shard_params(self, params, weights: str = "f32", storage: str = "2d"):
+        if weights not in ("f32", "bf16", "int8") or storage not in ("1d", "2d"):
+            raise MeshlmError(f"weights must be f32|bf16|int8 and storage 1d|2d, got {weights!r}, {storage!r}")
+        tree = build_stored(jax.tree.map(np.asarray, params), self.geo, weights, storage)
+        specs = stored_specs(self.geo, storage, weights == "int8", tree)
+        return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(self.mesh, s)), tree, specs)
+
+    def param_specs(self, params):
+        return jax.tree.map(lambda a: a.sharding.spec, params)
+
+    def _check_params(self, layout: Layout, params):
+        u = self.geo.units[0].name
+        w = params["layers"][f"{u}_in"]
+        w = w["q"] if is_quantized(w) else w
+        one_d = w.sharding.spec[1] is None
+        if (layout.ffn == "ws1d") != one_d:
+            need = "1d" if layout.ffn == "ws1d" else "2d"
+            raise MeshlmError(f"layout {layout.ffn} needs params stored with storage={need!r}")
+        fmt = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float32): "f32"}[w.dtype]
+        if fmt != layout.weights:
+            raise MeshlmError(f"layout says weights={layout.weights} but the params are {fmt}")
+        if layout.mesh != self.mesh_shape:
+            raise MeshlmError(f"layout mesh {layout.mesh} differs from the model's mesh {self.mesh_shape}")
+
+    # ---- cache --------------------------------------------------------------------------------
+    def cache_spec(self, layout: Layout):
+        ba, ha = comm.attention_axes(layout)
+        return P(None, _spec_of(ba), None, _spec_of(ha), None)
+
+    def cache_heads(self, layout: Layout) -> int:
+        return self.geo.Ks if layout.attention == "batch" else self.geo.Kx
+
+    def init_cache(self, layout: Layout, batch: int, max_len: int, dtype=None):
+        B = comm.padded_batch(batch, layout)
+        shape = (self.cfg.n_layers, B, max_len, self.cache_heads(layout), self.cfg.d_head)
+        sh = NamedSharding(self.mesh, self.cache_spec(layout))
+        z = jax.jit(lambda: jnp.zeros(shape, dtype or self.act_dtype), out_shardings=sh)
+        return {"k": z(), "v": z()}
+
+    def _check_cache(self, layout: Layout, cache):
+        k = cache["k"]
+        want = NamedSharding(self.mesh, self.cache_spec(layout))
+        if k.shape[3] != self.cache_heads(layout) or not k.sharding.is_equivalent_to(want, k.ndim):
+            raise MeshlmError(f"the cache is not laid out for {layout.short} attention on {layout.mesh}; "
+                              f"convert it with convert_cache")
+        if k.shape[1] % comm.batch_multiple(layout):
+            raise MeshlmError(f"cache batch {k.shape[1]} is not a multiple of {comm.batch_multiple(layout)} "
+                              f"needed by {layout.short}")
+
+    def cache_from_reference(self, ref_cache, layout: Layout, dtype=None):
+        """A canonical cache [Y, B, S, K, D] laid out for `layout` (batch and heads padded)."""
+        B = comm.padded_batch(ref_cache["k"].shape[1], layout)
+        idx = self.geo.kv_map(self.cache_heads(layout))
+        out = {}
+        for n, a in ref_cache.items():
+            a = np.asarray(a)
+            a = np.concatenate([a, np.zeros((a.shape[0], B - a.shape[1], *a.shape[2:]), a.dtype)], axis=1)
+            pad = np.zeros_like(a[:, :, :, :1])
+            a = np.concatenate([a, pad], axis=3)[:, :, :, np.where(idx < 0, a.shape[3], idx)]
+            out[n] = jax.device_put(a.astype(dtype or self.act_dtype), NamedSharding(self.mesh, self.cache_spec(layout)))
+        return out
+
+    def cache_to_reference(self, cache, batch: int):
+        """The canonical [Y, batch, S, K, D] view of a sharded cache (numpy)."""
+        out = {}
+        for n, a in cache.items():
+            a = np.asarray(a)
+            idx = self.geo.kv_map(a.shape[3])
+            first = [int(np.where(idx == h)[0][0]) for h in range(self.cfg.n_kv_heads)]
+            out[n] = a[:, :batch][:, :, :, first]
+        return out
+
+    def convert_cache(self, cache, to: Layout):
+        """Re-lay a cache for another attention layout (select or replicate KV slots, reshard)."""
+        src = cache["k"].shape[3]
+        dst = self.cache_heads(to)
+        sel = self.geo.kv_map(src)
+        want = self.geo.kv_map(dst)
+        idx = np.array([int(np.where(sel == h)[0][0]) if h >= 0 else int(np.where(sel == -1)[0][0])
+                        if (sel == -1).any() else 0 for h in want])
+        B = cache["k"].shape[1]
+        if B % comm.batch_multiple(to):
+            raise MeshlmError(f"cache batch {B} does not split for {to.short}")
+        sh = NamedSharding(self.mesh, self.cache_spec(to))
+        f = jax.jit(lambda a: jnp.take(a, jnp.asarray(idx), axis=3), out_shardings=sh)
+        return {n: f(a) for n, a in cache.items()}
+
+    # ---- the passes ---------------------------------------------------------------------------
+    def _fn(self, layout: Layout, phase: str, all_logits: bool, params):
+        key = (layout, phase, all_logits, jax.tree.structure(params))
+        if key not in self._fns:
+            body = Body(self.geo, layout, phase, all_logits, self.act_dtype)
+            pspecs = self.param_specs(params)
+            cspec = {"k": self.cache_spec(layout), "v": self.cache_spec(layout)}
+            V = self.cfg.vocab
+
+            def run(params, tokens, rows, cache):
+                return body.forward(params, tokens, rows, cache)
+
+            sm = jax.shard_map(run, mesh=self.mesh, in_specs=(pspecs, P(), P(), cspec),
+                               out_specs=(P(), cspec), check_vma=False)
+
+            def full(params, tokens, rows, cache):
+                logits, cache = sm(params, tokens, rows, cache)
+                return logits[..., :V], cache
+
+            self._fns[key] = jax.jit(full, donate_argnums=(3,))
+        return self._fns[key]
+
+    def _pad_rows(self, layout: Layout, cache, *arrays):
+        Bc = cache["k"].shape[1]
+        B = arrays[0].shape[0]
+        if B > Bc:
+            raise MeshlmError(f"batch {B} exceeds the cache's {Bc} rows")
+        out = []
+        for a in arrays:
+            a = jnp.asarray(a, jnp.int32)
+            out.append(jnp.concatenate([a, jnp.zeros((Bc - B, *a.shape[1:]), jnp.int32)]) if Bc > B else a)
+        return B, out
+
+    def prefill(self, layout: Layout, params, tokens, lengths, cache, all_logits: bool = False):
+        self._check(layout, params, cache)
+        if tokens.shape[1] > cache["k"].shape[2]:
+            raise MeshlmError(f"prompt length {tokens.shape[1]} exceeds the cache length {cache['k'].shape[2]}")
+        B, (tok, lens) = self._pad_rows(layout, cache, tokens, lengths)
+        logits, cache = self._fn(layout, "prefill", all_logits, params)(params, tok, lens, cache)
+        return (logits[:B] if all_logits else logits[:B, 0]), cache
+
+    def decode(self, layout: Layout, params, cache, tokens, positions):
+        self._check(layout, params, cache)
+        B, (tok, pos) = self._pad_rows(layout, cache, tokens, positions)
+        logits, cache = self._fn(layout, "decode", False, params)(params, tok[:, None], pos, cache)
+        return logits[:B, 0], cache
+
+    def _check(self, layout, params, cache):
+        self._check_params(layout, params)
+        self._check_cache(layout, cache)
+
+    def lowered(self, layout: Layout, phase: str, params, tokens, rows, cache, all_logits: bool = False):
+        """The jit-lowered pass on padded inputs (tokens [Bc, L], rows [Bc]), for HLO inspection."""
+        self._check(layout, params, cache)
+        return self._fn(layout, phase, all_logits, params).lower(params, tokens, rows, cache)
+
+    # ---- bytes on device ----------------------------------------------------------------------
+    @staticmethod
+    def bytes_per_device(tree) -> int:
+        """Bytes of a tree of sharded arrays held by one device (the first), read from the shardings."""
+        total = 0
+        for a in jax.tree.leaves(tree):
+            shard = a.sharding.shard_shape(a.shape)
+            total += math.prod(shard) * a.dtype.itemsize
+        return total
+
+
+

@@ -1,0 +1,319 @@
+"""The shard_map body of one layout: a whole forward pass (embedding, scanned layers, logits) from
+one device's point of view, with exactly the collectives meshlm.comm lists (docs/layouts.md draws
+them). Built by meshlm.sharded; nothing here is public API.
+
+Shapes are per device. Bl: local batch rows of the residual; E_r: local E of the residual;
+E_l: local E after the activation all-gather; N: column blocks held after the weight gather;
+Cb: columns of one block.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from meshlm import comm
+from meshlm.collectives import (ag_matmul, all_gather, all_to_all, gather_blocks, group_index, local_slice,
+                                matmul_rs, psum, reduce_scatter)
+from meshlm.layouts import Layout, parse_spec
+from meshlm.model import act, apply_norm, attend, norm_stats, rotary
+from meshlm.quant import dot_rows, is_quantized
+from meshlm.sharded_params import Geometry
+
+ZY = ("z", "y")
+
+
+def _sorted(axes):
+    return tuple(a for a in "xyz" if a in axes)
+
+
+class Body:
+    def __init__(self, geo: Geometry, layout: Layout, phase: str, all_logits: bool, act_dtype):
+        m, p = layout.mesh, layout.plan
+        self.geo, self.cfg, self.layout, self.m = geo, geo.cfg, layout, m
+        self.phase, self.all_logits, self.dt = phase, all_logits, act_dtype
+
+        def live(axes):
+            return tuple(a for a in axes if m.size(a) > 1)
+
+        self.ag, self.ea, self.ba = live(p.act_gather), live(p.e_axes), live(p.batch_axes)
+        self.resid_e = live(dict(parse_spec(p.resid))["E"])
+        wg = live(p.weight_gather)
+        self.wg_e = ("x",) if "x" in wg else ()
+        self.wg_c = tuple(a for a in ZY if a in wg)
+        self.nblk = m.size("".join(self.wg_c))
+        self.split_x = layout.ffn in ("ws1d", "ws2d")  # F blocks further split over x after the input
+        self.cm = layout.collective_matmul
+        self.att_ba = live(comm.attention_axes(layout)[0])
+        self.proj_ha = live(comm.proj_head_axes(layout))  # heads split after the input projection
+        self.all = live("xyz")
+        self.E = geo.cfg.d_model
+        self.E_r = self.E // m.size(dict(parse_spec(p.resid))["E"])
+        self.E_l = self.E // m.size(p.e_axes)
+
+    # ---- column bookkeeping (biases and int8 scales are replicated in the 2D column order) -----
+    def _blocks(self, v):
+        """v [C] (2D column order) -> the column blocks this device multiplies: [N, Cb]."""
+        m = self.m
+        v = v.reshape(m.z, m.y, -1)
+        for i, a in enumerate(ZY):
+            if a not in self.wg_c:
+                v = lax.dynamic_index_in_dim(v, lax.axis_index(a), axis=i, keepdims=True)
+        return v.reshape(self.nblk, -1)
+
+    def _split_x(self, v, segs, axis: int = -1):
+        """Blocks [.., Cb] of segments (sizes per block) -> [.., X, Cb/X]: each segment split over x."""
+        X = self.m.x
+        parts, o = [], 0
+        for g in segs:
+            piece = lax.slice_in_dim(v, o, o + g, axis=axis)
+            parts.append(piece.reshape(*piece.shape[:-1], X, g // X))
+            o += g
+        return jnp.concatenate(parts, axis=-1)
+
+    def pre_cols(self, v, segs):
+        if self.layout.ffn == "ws1d":
+            return self.post_cols(v, segs)
+        return self._blocks(v)
+
+    def post_cols(self, v, segs):
+        b = self._blocks(v)
+        if not self.split_x:
+            return b
+        return lax.dynamic_index_in_dim(self._split_x(b, segs), lax.axis_index("x"), axis=1, keepdims=False)
+
+    # ---- weights ----------------------------------------------------------------------------
+    def gather_in(self, w):
+        """Stored block [E_s, Cb] -> [E_l, N, Cb] (one all-gather over the weight-gather axes)."""
+        if not (self.wg_e or self.wg_c):
+            return w[:, None, :]
+        nx, nc = self.m.size("".join(self.wg_e)), self.nblk
+        g = gather_blocks(w, self.wg_e + self.wg_c, 0).reshape(nx, nc, *w.shape)
+        return g.transpose(0, 2, 1, 3).reshape(nx * w.shape[0], nc, w.shape[1])
+
+    def gather_out(self, w):
+        """Stored block [Cmb, E_s] -> [N, Cmb, E_o]."""
+        if not (self.wg_e or self.wg_c):
+            return w[None]
+        nx, nc = self.m.size("".join(self.wg_e)), self.nblk
+        g = gather_blocks(w, self.wg_e + self.wg_c, 0).reshape(nx, nc, *w.shape)
+        return g.transpose(1, 2, 0, 3).reshape(nc, w.shape[0], nx * w.shape[1])
+
+    # ---- one unit (parallel block, or the attention / FFN half of a serial block) ---------------
+    def _div(self, post: bool) -> int:
+        m = self.m
+        if self.layout.ffn == "ws1d" or (post and self.split_x):
+            return m.n
+        return m.y * m.z
+
+    def unit(self, u, x, lw, cache, rows):
+        cfg, E = self.cfg, self.E
+        rms = cfg.norm == "rmsnorm"
+        seg_pre = [g // self._div(False) for _, g in u.in_segs]
+        seg_2d = [g // (self.m.y * self.m.z) for _, g in u.in_segs]  # block sizes of biases/scales
+        seg_post = [g // self._div(True) for _, g in u.in_segs]
+        nf = sum(g for s, g in zip([s for s, _ in u.in_segs], seg_pre) if s in ("gate", "up", "in"))
+        if u.name == "block" and cfg.parallel_norms == 2:
+            groups = [("norm2", 0, nf), ("norm1", nf, sum(seg_pre))]
+        else:
+            groups = [("norm2" if u.name == "ffn" else "norm1", 0, sum(seg_pre))]
+        W = lw[f"{u.name}_in"]
+        Wg = self.gather_in(W["q"] if is_quantized(W) else W)
+        Bl, L = x.shape[0], x.shape[1]
+        M = Bl * L
+
+        if self.cm and self.ag:
+            stats = psum(norm_stats(x, rms), self.resid_e)
+            e0 = group_index(self.ea) * self.E_l
+        else:
+            xg = all_gather(x, self.ag, axis=2)
+            stats = psum(norm_stats(xg, rms), self.ea)
+            e0 = group_index(self.ea) * self.E_l
+
+        def chunk_mm(xc, c):
+            Ec = xc.shape[-1]
+            outs = []
+            for key, lo, hi in groups:
+                p = {k: lax.dynamic_slice_in_dim(v, e0 + c * Ec, Ec) for k, v in lw[key].items()}
+                xn = apply_norm(xc, stats, E, p, rms, cfg.norm_eps).reshape(M, Ec)
+                rows = lax.dynamic_slice_in_dim(Wg[:, :, lo:hi], c * Ec, Ec, axis=0)
+                outs.append(dot_rows(xn, rows.reshape(Ec, -1), self.dt).reshape(M, self.nblk, hi - lo))
+            return jnp.concatenate(outs, axis=-1)
+
+        y = ag_matmul(x, self.ag, chunk_mm) if (self.cm and self.ag) else chunk_mm(xg, 0)
+        if is_quantized(W):
+            y = (y * self.pre_cols(W["s"], seg_2d)).astype(self.dt)
+        if self.layout.ffn == "ws2d" and self.ea:  # partial sums over x -> F_zyx (onto the hidden dim)
+            y = lax.psum_scatter(self._split_x(y[:, 0], seg_pre), self.ea, scatter_dimension=1, tiled=False)[:, None]
+        if f"{u.name}_bin" in lw:
+            y = y + self.post_cols(lw[f"{u.name}_bin"], seg_2d).astype(self.dt)
+        seg, o = {}, 0
+        for (name, _), g in zip(u.in_segs, seg_post):
+            seg[name] = y[..., o:o + g]
+            o += g
+        mids = []
+        if u.has_ffn:
+            h = act(seg["gate"], cfg.activation) * seg["up"] if cfg.gated_mlp else act(seg["in"], cfg.activation)
+            mids.append(h)
+        if u.has_attn:
+            D = cfg.d_head
+            q = seg["q"].reshape(Bl, L, -1, D)
+            k, v = seg["k"].reshape(Bl, L, -1, D), seg["v"].reshape(Bl, L, -1, D)
+            o_, cache = self.attention(q, k, v, cache, rows)
+            mids.append(o_.reshape(M, self.nblk, -1))
+        mid = jnp.concatenate([t.reshape(M, self.nblk, -1) for t in mids], axis=-1)
+        mid_post = [g // self._div(True) for _, g in u.mid_segs]
+        if self.layout.ffn == "ws2d" and self.ea:
+            gm = lax.all_gather(mid[:, 0], self.ea, axis=1, tiled=False)  # [M, X, Cm/n]
+            parts, o = [], 0
+            for g in mid_post:
+                parts.append(gm[:, :, o:o + g].reshape(M, -1))
+                o += g
+            mid = jnp.concatenate(parts, axis=-1)[:, None]
+        Wo = lw[f"{u.name}_out"]
+        Wog = self.gather_out(Wo["q"] if is_quantized(Wo) else Wo)
+        Wog = Wog.reshape(-1, Wog.shape[-1])
+        mid = mid.reshape(M, -1)
+        so = None
+        if is_quantized(Wo):
+            so = local_slice(Wo["s"], self.ea, 0)
+
+        def out_mm(c):
+            Ec = self.E_r if (self.cm and self.ag) else Wog.shape[-1]
+            cols = lax.dynamic_slice_in_dim(Wog, c * Ec, Ec, axis=1)
+            r = dot_rows(mid, cols, self.dt)
+            if so is not None:
+                r = (r * lax.dynamic_slice_in_dim(so, c * Ec, Ec)).astype(self.dt)
+            return r
+
+        if self.cm and self.ag:
+            out = matmul_rs(self.ag, out_mm)
+        else:
+            out = reduce_scatter(out_mm(0), self.ag, axis=1)
+        if f"{u.name}_bout" in lw:
+            out = out + local_slice(lw[f"{u.name}_bout"], self.resid_e, 0).astype(self.dt)
+        return x + out.reshape(Bl, L, -1), cache
+
+    # ---- attention --------------------------------------------------------------------------
+    def attention(self, q, k, v, cache, rows):
+        """q [Bl, L, Hl, D], k, v [Bl, L, Kl, D] in the projection layout -> (o [Bl, L, Hl, D], cache)."""
+        g = self.geo
+        batch = self.layout.attention == "batch"
+        ha = self.proj_ha if batch else ()
+        Bl, L, Hl, D = q.shape
+        Kl = k.shape[2]
+        if ha:
+            sizes = [self.m.size(a) for a in ha]
+            srt = _sorted(ha)
+            perm = [ha.index(a) for a in srt]
+            t = all_to_all(jnp.concatenate([q, k, v], axis=2), srt, 0, 2)  # [b, L, k*(Hl+2Kl), D]
+            b = t.shape[0]
+            t = t.reshape(b, L, *[self.m.size(a) for a in srt], Hl + 2 * Kl, D)
+            inv = [srt.index(a) for a in ha]
+            t = t.transpose(0, 1, *[2 + i for i in inv], *range(2 + len(srt), t.ndim))
+            t = t.reshape(b, L, -1, Hl + 2 * Kl, D)
+            q = t[:, :, :, :Hl].reshape(b, L, -1, D)
+            k = t[:, :, :, Hl:Hl + Kl].reshape(b, L, -1, D)
+            v = t[:, :, :, Hl + Kl:].reshape(b, L, -1, D)
+        if batch:
+            r = g.Kx // g.Ks
+            k, v = k[:, :, ::r], v[:, :, ::r]
+        b = q.shape[0]
+        cfg = self.cfg
+        ck, cv = cache
+        lens_or_pos = local_slice(rows, self.att_ba, 0)
+        if self.phase == "prefill":
+            pos = jnp.broadcast_to(jnp.arange(L)[None], (b, L))
+            q = rotary(q, pos, cfg.rot_dim, cfg.rope_theta, cfg.rope_style)
+            k = rotary(k, pos, cfg.rot_dim, cfg.rope_theta, cfg.rope_style)
+            valid = pos < lens_or_pos[:, None]
+            ck = lax.dynamic_update_slice_in_dim(
+                ck, jnp.where(valid[:, :, None, None], k.astype(ck.dtype), ck[:, :L]), 0, axis=1)
+            cv = lax.dynamic_update_slice_in_dim(
+                cv, jnp.where(valid[:, :, None, None], v.astype(cv.dtype), cv[:, :L]), 0, axis=1)
+            key = jnp.arange(L)[None, None, :]
+            mask = (key <= pos[:, :, None]) & (key < lens_or_pos[:, None, None])
+            kk, vv = k, v
+        else:
+            pos = lens_or_pos[:, None]
+            q = rotary(q, pos, cfg.rot_dim, cfg.rope_theta, cfg.rope_style)
+            k = rotary(k, pos, cfg.rot_dim, cfg.rope_theta, cfg.rope_style)
+            bi = jnp.arange(b)
+            ck = ck.at[bi, lens_or_pos].set(k[:, 0].astype(ck.dtype), mode="drop")
+            cv = cv.at[bi, lens_or_pos].set(v[:, 0].astype(cv.dtype), mode="drop")
+            mask = jnp.arange(ck.shape[1])[None, None, :] <= pos[:, :, None]
+            kk, vv = ck, cv
+        Kc = kk.shape[2]
+        o = attend(q.reshape(b, L, Kc, -1, D), kk.astype(q.dtype), vv.astype(q.dtype), mask)
+        o = o.reshape(b, L, -1, D)
+        if ha:
+            o = o.reshape(b, L, *sizes, Hl, D)
+            o = o.transpose(0, 1, *[2 + i for i in perm], *range(2 + len(ha), o.ndim)).reshape(b, L, -1, D)
+            o = all_to_all(o, srt, 2, 0)
+        return o, (ck, cv)
+
+    # ---- embedding, layers, logits ------------------------------------------------------------
+    def embed(self, tokens, table):
+        """tokens [B, L] (replicated) -> residual [Bl, L, E_r] via one reduce-scatter(xyz)."""
+        m, p = self.m, self.layout.plan
+        q = table["q"] if is_quantized(table) else table
+        Vl = q.shape[0]
+        v0 = group_index(("x", "y", "z")) * Vl
+        idx = tokens - v0
+        hit = (idx >= 0) & (idx < Vl)
+        rows = jnp.take(q, jnp.clip(idx, 0, Vl - 1), axis=0).astype(self.dt)
+        if is_quantized(table):
+            rows = rows * table["s"][tokens][..., None].astype(self.dt)
+        rows = jnp.where(hit[..., None], rows, 0)
+        B, L = tokens.shape
+        nb = m.size(p.batch_axes)
+        ne = m.size(dict(parse_spec(p.resid))["E"])
+        rows = rows.reshape(nb, B // nb, L, ne, self.E_r).transpose(0, 3, 1, 2, 4).reshape(m.n, B // nb, L, self.E_r)
+        if not self.all:
+            return rows[0]
+        return lax.psum_scatter(rows, self.all, scatter_dimension=0, tiled=False)
+
+    def logits(self, x, params, lengths):
+        m, p, cfg = self.m, self.layout.plan, self.cfg
+        if self.phase == "prefill" and not self.all_logits:
+            idx = jnp.clip(local_slice(lengths, self.ba, 0) - 1, 0, x.shape[1] - 1)
+            x = jnp.take_along_axis(x, idx[:, None, None], axis=1)
+        Bl, Lo = x.shape[0], x.shape[1]
+        nb = m.size(p.batch_axes)
+        ne = m.size(dict(parse_spec(p.resid))["E"])
+        g = lax.all_gather(x, self.all, axis=0, tiled=False) if self.all else x[None]
+        h = g.reshape(nb, ne, Bl, Lo, self.E_r).transpose(0, 2, 3, 1, 4).reshape(nb * Bl, Lo, self.E)
+        stats = norm_stats(h, cfg.norm == "rmsnorm")
+        h = apply_norm(h, stats, self.E, params["final_norm"], cfg.norm == "rmsnorm", cfg.norm_eps)
+        h = h.reshape(-1, self.E).astype(jnp.float32)
+        if "lm_head" in params:
+            w = params["lm_head"]
+            wq = w["q"] if is_quantized(w) else w
+        else:
+            w = params["embed"]
+            wq = (w["q"] if is_quantized(w) else w).T
+        out = dot_rows(h, wq, jnp.float32)
+        if is_quantized(w):
+            out = out * local_slice(w["s"], ("x", "y", "z"), 0)
+        if "lm_head_bias" in params:
+            out = out + params["lm_head_bias"]
+        out = out.reshape(nb * Bl, Lo, -1)
+        return all_gather(out, self.all, axis=2)
+
+    def forward(self, params, tokens, rows, cache):
+        """The whole pass. rows: lengths [B] (prefill) or positions [B] (decode), replicated."""
+        x = self.embed(tokens, params["embed"])
+
+        def layer(x, xs):
+            lw, ck, cv = xs
+            c = (ck, cv)
+            for u in self.geo.units:
+                if u.has_attn:
+                    x, c = self.unit(u, x, lw, c, rows)
+                else:
+                    x, _ = self.unit(u, x, lw, None, rows)
+            return x, c
+
+        x, (ck, cv) = lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
+        return self.logits(x, params, rows), {"k": ck, "v": cv}
+
