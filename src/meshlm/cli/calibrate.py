@@ -1,0 +1,54 @@
+"""`meshlm calibrate`: measure the local devices and write a chip spec for the planner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from meshlm.cli import positive_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure local FLOP/s, memory and collective bandwidth; write a chip spec",
+                       description="Measure matmul FLOP/s per dtype (f32, bf16, the int8 path), memory bandwidth "
+                                   "and collective bandwidth/latency of the local devices, and write a chip spec "
+                                   "that --hardware PATH (or --hardware local, the last one written to the default "
+                                   "path) accepts.")
+    p.add_argument("--out", help="where to write the spec (default: $MESHLM_HOME/local.json, "
+                                 "~/.cache/meshlm/local.json)")
+    p.add_argument("--devices", type=positive_int, help="on a CPU-only host: simulate N devices")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer samples (seconds instead of ~10 s)")
+    p.add_argument("--json", action="store_true", help="print the spec as JSON on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import sys
+
+    if args.devices:
+        from meshlm.mesh import simulate_cpu_devices
+
+        simulate_cpu_devices(args.devices)
+    from meshlm import calibrate as cal_mod
+    from meshlm.hardware import chip_from_dict
+
+    log = (lambda m: print(m, file=sys.stderr))
+    cal = cal_mod.calibrate(quick=args.quick, log=log)
+    compute = "f32" if cal.platform == "cpu" else "bf16"  # the dtype the engine computes in there
+    spec = cal_mod.to_chip_dict(cal, compute)
+    chip_from_dict(spec, where="measured spec")  # the planner must accept what we write
+    out = Path(args.out) if args.out else cal_mod.default_spec_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(spec, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(spec, indent=2))
+    else:
+        g = 1e9
+        print(f"{cal.n_devices} x {cal.device_kind} ({cal.platform})")
+        for d, v in cal.matmul_flops.items():
+            print(f"  matmul {d:5s} {v / g:10.2f} GFLOP/s per device")
+        print(f"  memory       {cal.mem_bw / g:10.2f} GB/s per device")
+        if cal.n_devices > 1:
+            print(f"  all-gather   {cal.collective_bw / g:10.2f} GB/s per device, latency {cal.collective_latency_s * 1e6:.0f} us")
+        print(f"wrote {out}")
+    return 0
