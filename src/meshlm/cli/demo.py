@@ -30,10 +30,11 @@ def planner_demo() -> list[tuple[Column, Estimate]]:
 
 
 def print_planner_demo(console: Any = None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from meshlm.cli.plan import console as wide_console
+
+    console = console or wide_console()
     t = Table(title=f"meshlm planner: PaLM 540B on 64 TPU v4 chips (prompt {TABLE23_INPUT_LEN}, "
                     f"{TABLE23_GEN_LEN} generated tokens) vs the paper's Table 2")
     for col in ("setting", "batch", "weights", "FFN", "attention", "mesh", "latency", "per token", "MFU",

@@ -1,0 +1,86 @@
+"""Chip specs: presets, JSON specs (CPU hosts from `meshlm calibrate`), bandwidth conventions."""
+
+import json
+
+import pytest
+
+from meshlm.errors import MeshlmError
+from meshlm.hardware import CHIPS, GiB, chip_from_dict, load_chip, save_chip
+from meshlm.layouts import MeshShape
+
+
+def test_tpu_v4_is_the_papers_chip():
+    c = load_chip("tpu-v4")
+    assert (c.peak_flops, c.hbm_bytes, c.hbm_bw) == (275e12, 32 * GiB, 1.2e12)
+    assert c.chip_link_bw == 270e9  # [P] §4: 270 GB/s per chip = 6 links x 45 GB/s
+    assert c.topology == "3d-torus" and "peak_flops" in c.vendor_peaks
+
+
+def test_every_preset_is_consistent():
+    for name, c in CHIPS.items():
+        assert c.name == name
+        assert 0 < c.flops < c.peak_flops and 0 < c.mem_bw < c.hbm_bw
+        assert set(c.vendor_peaks) <= set(c.to_dict())
+
+
+def test_torus_collective_bandwidth_is_one_axis_of_links():
+    c = CHIPS["tpu-v4"]
+    m = MeshShape(4, 4, 4)
+    # sequential rings per axis: any group runs at one axis's two links (2 x 45 GB/s)
+    assert c.group_bw(m, "x") == c.group_bw(m, "yz") == c.group_bw(m, "xyz") == 90e9
+    assert c.group_bw(MeshShape(1, 8, 8), "x") == float("inf")  # size-1 group moves nothing
+    assert c.ring_steps(m, "yz") == 6 and c.ring_steps(m, "xyz") == 9
+    assert c.ring_factor(m, "yz") == pytest.approx(15 / 16)
+    assert c.ring_factor(MeshShape(2, 2, 4), "z") == 1.0  # below 64 chips: no wraparound
+
+
+def test_nvlink_switch_domain():
+    h = CHIPS["h100-sxm"]
+    assert h.group_bw(MeshShape(1, 2, 4), "yz") == 450e9
+    m = MeshShape(2, 2, 4)  # 16 GPUs: z and y stay in one 8-GPU node, x crosses nodes
+    assert h.group_bw(m, "yz") == 450e9 and h.group_bw(m, "x") == 50e9
+    assert h.ring_steps(m, "xyz") == 15
+
+
+def test_v4_slices():
+    c = CHIPS["tpu-v4"]
+    assert [str(m) for m in c.mesh_shapes(8)] == ["2x2x2"]
+    assert sorted(str(m) for m in c.mesh_shapes(16)) == ["2x2x4", "2x4x2", "4x2x2"]
+    assert MeshShape(4, 4, 4) in c.mesh_shapes(64) and MeshShape(1, 8, 8) not in c.mesh_shapes(64)
+    assert c.mesh_shapes(12) == []
+    assert len(CHIPS["h100-sxm"].mesh_shapes(8)) == len(MeshShape.all_for(8))
+
+
+def test_json_round_trip_and_cpu_host(tmp_path):
+    p = tmp_path / "h.json"
+    save_chip(CHIPS["a100-80g"], p)
+    assert load_chip(str(p)) == CHIPS["a100-80g"]
+    host = {"name": "cpu-host", "peak_flops": 2e11, "hbm_bytes": 24 * GiB, "hbm_bw": 2.5e10, "link_bw": 1e10,
+            "topology": "switch", "switch_domain": 8, "vendor_peaks": []}
+    p.write_text(json.dumps(host))
+    c = load_chip(str(p))
+    assert c.name == "cpu-host" and c.group_bw(MeshShape(2, 2, 2), "xyz") == 1e10
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("[1, 2]", "JSON object"),
+    ('{"name": "a"}', "missing field"),
+    ('{"name": "a", "peak_flops": 1, "hbm_bytes": 1, "hbm_bw": 1, "link_bw": 1, "topology": "ring"}', "topology"),
+    ('{"name": "a", "peak_flops": -1, "hbm_bytes": 1, "hbm_bw": 1, "link_bw": 1, "topology": "switch", '
+     '"switch_domain": 1}', "peak_flops"),
+    ('{"name": "a", "colour": 1}', "unknown field"),
+    ("{not json", "cannot read"),
+])
+def test_malformed_specs(tmp_path, bad, msg):
+    p = tmp_path / "bad.json"
+    p.write_text(bad)
+    with pytest.raises(MeshlmError, match=msg):
+        load_chip(str(p))
+
+
+def test_unknown_chip():
+    with pytest.raises(MeshlmError, match="unknown chip"):
+        load_chip("tpu-v99")
+    with pytest.raises(MeshlmError):
+        chip_from_dict({"name": "x", "peak_flops": "fast", "hbm_bytes": 1, "hbm_bw": 1, "link_bw": 1,
+                        "topology": "3d-torus", "torus_dims": 3})
