@@ -43,6 +43,29 @@ def _comm():
     return comm
 
 
+# Memoised views of meshlm.comm (pure functions of hashable, frozen arguments): the planner's
+# sweeps ask the same questions thousands of times.
+def clear_caches() -> None:
+    """Forget memoised results (benchmarks measure cold sweeps)."""
+    for f in (served_heads, weight_bytes, kv_bytes, matmul_params, _comm_totals):
+        f.cache_clear()
+
+
+@functools.lru_cache(maxsize=65536)
+def served_heads(cfg: ModelConfig, mesh: Any) -> tuple[int, int]:
+    return _comm().served_heads(cfg, mesh)
+
+
+@functools.lru_cache(maxsize=65536)
+def weight_bytes(cfg: ModelConfig, layout: Layout) -> float:
+    return _comm().weight_bytes_per_device(cfg, layout)
+
+
+@functools.lru_cache(maxsize=65536)
+def kv_bytes(cfg: ModelConfig, layout: Layout, batch: int, seq_len: int) -> float:
+    return _comm().kv_cache_bytes_per_device(cfg, layout, batch, seq_len, kv_bytes=KV_BYTES)
+
+
 @dataclass(frozen=True)
 class PassCost:
     """Seconds (and bytes) of one forward pass on one chip."""
@@ -177,7 +200,7 @@ def _comm_totals(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
 def weight_read_bytes(cfg: ModelConfig, layout: Layout) -> float:
     """Weight bytes one chip streams from HBM per pass: its stored shard, times the weight-gather
     group for weight-gathered layouts (the gathered copy is what the matmul reads)."""
-    stored = _comm().weight_bytes_per_device(cfg, layout)
+    stored = weight_bytes(cfg, layout)
     return stored * layout.mesh.size(layout.plan.weight_gather)
 
 
@@ -187,7 +210,7 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     (kv_bytes_dev: the KV bytes this chip reads, from comm.kv_cache_bytes_per_device)."""
     n = layout.mesh.n
     tokens = served_batch(batch, layout) * q_len
-    h_served, _ = _comm().served_heads(cfg, layout.mesh)
+    h_served, _ = served_heads(cfg, layout.mesh)
     flops = chip.flops
     matmul = 2.0 * matmul_params(cfg, h_served) * tokens / n / flops
     # Q.K and P.V: 2 FLOPs x 2 einsums per (token, cached position, head, head dim); every layout
@@ -206,11 +229,10 @@ def memory_per_chip(cfg: ModelConfig, layout: Layout, phase: str, batch: int, in
                     gen_len: int) -> dict[str, float]:
     """Bytes per chip at the end of the phase: stored weights, the KV cache, and the largest
     transient working set of one layer (gathered weights + activations of the pass)."""
-    comm = _comm()
     mesh, plan = layout.mesh, layout.plan
-    weights = comm.weight_bytes_per_device(cfg, layout)
+    weights = weight_bytes(cfg, layout)
     seq = input_len + (gen_len if phase == "decode" else 0)
-    kv = comm.kv_cache_bytes_per_device(cfg, layout, batch, seq, kv_bytes=KV_BYTES)
+    kv = kv_bytes(cfg, layout, batch, seq)
     # The largest weight matrix after its gather (weight-gathered layouts), double-buffered so
     # the next gather overlaps this matmul (§3.5).
     gather = mesh.size(plan.weight_gather)
@@ -237,17 +259,16 @@ def estimate(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch
     for what, v in (("batch", batch), ("input length", input_len), ("generated length", gen_len)):
         if not isinstance(v, int) or v < 1:
             raise MeshlmError(f"{what} must be a positive integer, got {v!r}")
-    comm = _comm()
     n = layout.mesh.n
     if phase == "prefill":
-        kv_dev = comm.kv_cache_bytes_per_device(cfg, layout, batch, input_len, kv_bytes=KV_BYTES)
+        kv_dev = kv_bytes(cfg, layout, batch, input_len)
         step = forward_pass(cfg, chip, layout, phase, batch, input_len, input_len, kv_dev)
         steps, tokens = 1, batch * input_len
     else:
         # Every term is affine in the context length, so the sum over the gen_len steps equals
         # gen_len times the step at the mean context (exact, and O(1) for the planner's sweeps).
-        kv_first = comm.kv_cache_bytes_per_device(cfg, layout, batch, input_len + 1, kv_bytes=KV_BYTES)
-        kv_last = comm.kv_cache_bytes_per_device(cfg, layout, batch, input_len + gen_len, kv_bytes=KV_BYTES)
+        kv_first = kv_bytes(cfg, layout, batch, input_len + 1)
+        kv_last = kv_bytes(cfg, layout, batch, input_len + gen_len)
         s_mean = input_len + (gen_len + 1) / 2
         step = forward_pass(cfg, chip, layout, phase, batch, 1, s_mean, (kv_first + kv_last) / 2)
         steps, tokens = gen_len, batch * gen_len
