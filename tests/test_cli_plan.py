@@ -29,6 +29,7 @@ def test_plan_json_contract(capsys):
     assert 0 < c["mfu"] < 1 and c["fits"] is True
     assert c["latency_s"] == pytest.approx(64 * c["step_latency_s"])
     assert len(d["candidates"]) > 1 and all(CHOICE_FIELDS <= set(e) for e in d["candidates"])
+    assert {"what", "kind", "axes", "bytes", "count", "seconds"} <= set(c["collectives"][0])
 
 
 def test_plan_forced_options_restrict(capsys):

@@ -69,3 +69,15 @@ def test_pareto_frontier_is_non_dominated():
         for f in fr.frontier:
             assert not (point_latency(p) < point_latency(f) and p.cost_chip_ms_per_token < f.cost_chip_ms_per_token)
     assert frontier_of(fr.frontier) == fr.frontier
+
+
+def test_batch_enumeration_and_collectives():
+    res = plan(PALM, V4, 64, "decode", [16, 64, 256], 2048, 64, objective="cost", max_latency=3.0)
+    assert {e.batch for e in res.candidates} == {16, 64, 256}
+    assert res.choice.latency_s <= 3.0
+    ok = [e for e in res.candidates if e.fits and e.latency_s <= 3.0]
+    assert res.choice.cost_chip_ms_per_token == min(e.cost_chip_ms_per_token for e in ok)
+    # the choice's collectives are the executor's inventory, counted over the 64 decode steps
+    kinds = {c["kind"] for c in res.collectives}
+    assert {"all-gather", "reduce-scatter", "all-to-all"} <= kinds
+    assert all(c["count"] % 64 == 0 and c["seconds"] > 0 for c in res.collectives)

@@ -7,13 +7,15 @@ compiled HLO). This module only prices them. docs/costmodel.md explains every fo
 
 Per forward pass, on one chip (n = X*Y*Z chips, T = B*L tokens in the pass, S = cached length):
     matmul  = 2 N_served T / n  FLOPs       / (peak * flops_efficiency)
-    attn    = 4 B L S H D n_layers / p_attn / (peak * flops_efficiency)
+    attn    = 4 T S H D n_layers / n FLOPs  / (peak * flops_efficiency)
     weights = bytes of weights the chip's matmuls read       / (hbm_bw * hbm_efficiency)
     kv      = KV-cache bytes the chip reads (comm.kv_cache_bytes_per_device)
-    comm    = sum over collectives of bytes/bw(axes) * (K-1)/K * kind factor  + ring steps * hop latency
-    pass    = max(matmul, weights) + max(attn, kv) + comm
+    each collective = bytes/bw * (K-1)/K * kind factor + ring steps * hop latency (App. A.1)
+    pass    = max(matmul, weights) + max(attn, kv)
+              + activation collectives + max(0, weight gathers - matmul) + ring-step latencies
 i.e. a roofline per op class (weight matmuls are bound by FLOPs or by weight loading; attention by
-FLOPs or by KV loading) plus communication that is exposed (see `combine`).
+FLOPs or by KV loading) plus the communication that is exposed (weight gathers are prefetched
+under the matmuls).
 """
 
 from __future__ import annotations
@@ -195,6 +197,21 @@ def _comm_totals(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
         lat_s += t_lat * c.count
         nbytes += c.bytes * c.count
     return act_s, w_s, lat_s, nbytes
+
+
+def collective_breakdown(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch: int,
+                         input_len: int, gen_len: int) -> list[dict[str, Any]]:
+    """Each collective of the phase: label, kind, axes, bytes per occurrence, occurrences over the
+    phase, and its seconds over the phase (bandwidth + ring steps, before any hiding; weight
+    gathers are marked `prefetched`, see forward_pass)."""
+    q_len, steps = (input_len, 1) if phase == "prefill" else (1, gen_len)
+    kv_len = input_len if phase == "prefill" else input_len + gen_len
+    rows = []
+    for c in _comm().forward_collectives(cfg, layout, phase, batch, q_len, kv_len, act_bytes=ACT_BYTES):
+        t_bw, t_lat = collective_time(chip, layout, c.kind, c.axes, c.bytes)
+        rows.append({"what": c.what, "kind": c.kind, "axes": c.axes, "bytes": c.bytes, "count": c.count * steps,
+                     "seconds": (t_bw + t_lat) * c.count * steps, "prefetched": is_weight_gather(c)})
+    return rows
 
 
 def weight_read_bytes(cfg: ModelConfig, layout: Layout) -> float:

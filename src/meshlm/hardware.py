@@ -4,11 +4,12 @@ constants that turn peaks into achievable rates (docs/costmodel.md justifies eac
 Pure Python, no JAX import. A spec is a frozen dataclass; `load_chip(name_or_path)` takes a
 preset name or a JSON file with the same fields (what `meshlm calibrate` writes for a CPU host).
 
-"Network bandwidth" (the paper's App. A.1 `bw`) is modelled **per mesh axis**: on a torus each
-chip has two links along every axis (one each way round the ring), so a collective over the axes
-`axes` gets `link_bw * 2 * (number of those axes with size > 1)` bytes/s per chip. Over all three
-axes of a TPU v4 that is the paper's 270 GB/s per chip; over one axis it is 90 GB/s. On an
-NVLink switch every group gets the GPU's full NVLink bandwidth while it fits in one switch domain.
+"Network bandwidth" (the paper's App. A.1 `bw`) is the bandwidth of ONE torus axis, the two links
+of that axis (2 x 45 GB/s = 90 GB/s on TPU v4), for a collective over any group of axes: a
+multi-axis collective runs one ring per axis in sequence and its phase times telescope to
+D/bw_axis * (K-1)/K. The paper's 270 GB/s is the per-chip aggregate of all six links
+(`chip_link_bw`). On an NVLink switch a group gets the GPU's NVLink bandwidth while it fits in one
+switch domain. docs/costmodel.md explains the choice.
 """
 
 from __future__ import annotations

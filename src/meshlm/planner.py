@@ -11,10 +11,10 @@ the shared 2D storage E_x F_yz (so prefill and decode can switch layouts without
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from meshlm.config import ModelConfig
-from meshlm.costmodel import Estimate, estimate
+from meshlm.costmodel import Estimate, collective_breakdown, estimate
 from meshlm.errors import MeshlmError
 from meshlm.hardware import ChipSpec
 from meshlm.layouts import ATTN_LAYOUTS, FFN_LAYOUTS, FFN_PLANS, PHASES, WEIGHT_FORMATS, Layout, MeshShape
@@ -34,19 +34,22 @@ class PlanResult:
     chip: str
     phase: str
     n_chips: int
-    batch: int
+    batch: int | list[int]
     input_len: int
     gen_len: int
     objective: str
     max_latency: float | None
     choice: Estimate | None  # None when nothing fits (or nothing meets max_latency)
     candidates: list[Estimate] = field(default_factory=list)  # ranked, fitting ones first
+    collectives: list[dict[str, Any]] = field(default_factory=list)  # the choice's, per collective
 
     def to_dict(self) -> dict[str, Any]:
+        choice = None
+        if self.choice:
+            choice = self.choice.to_dict() | {"collectives": self.collectives}
         return {"model": self.model, "hardware": self.chip, "phase": self.phase, "n_chips": self.n_chips,
                 "batch": self.batch, "input_len": self.input_len, "gen_len": self.gen_len,
-                "objective": self.objective, "max_latency": self.max_latency,
-                "choice": self.choice.to_dict() if self.choice else None,
+                "objective": self.objective, "max_latency": self.max_latency, "choice": choice,
                 "candidates": [e.to_dict() for e in self.candidates]}
 
 
@@ -108,24 +111,30 @@ def rank(estimates: Iterable[Estimate], objective: str, max_latency: float | Non
     return good + rest
 
 
-def plan(cfg: ModelConfig, chip: ChipSpec, n_chips: int, phase: str, batch: int, input_len: int, gen_len: int,
-         objective: str = "latency", max_latency: float | None = None, ffn: str | None = None,
+def plan(cfg: ModelConfig, chip: ChipSpec, n_chips: int, phase: str, batch: int | Sequence[int], input_len: int,
+         gen_len: int, objective: str = "latency", max_latency: float | None = None, ffn: str | None = None,
          attention: str | None = None, weights: str | None = None, mesh: MeshShape | None = None) -> PlanResult:
-    """Price every candidate layout for one phase and rank them (see module docstring)."""
+    """Price every candidate layout for one phase and rank them (see module docstring). A list of
+    batches adds batch to the enumeration (useful with objective 'cost' and max_latency)."""
     if phase not in PHASES:
         raise MeshlmError(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
     if objective not in OBJECTIVES:
         raise MeshlmError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     if max_latency is not None and not max_latency > 0:
         raise MeshlmError(f"max latency must be > 0 seconds, got {max_latency}")
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    if not batches:
+        raise MeshlmError("give at least one batch size")
     layouts = candidate_layouts(chip, n_chips, ffn, attention, weights, mesh)
-    ranked = rank((estimate(cfg, chip, lay, phase, batch, input_len, gen_len) for lay in layouts), objective,
-                  max_latency)
+    ranked = rank((estimate(cfg, chip, lay, phase, b, input_len, gen_len) for lay in layouts for b in batches),
+                  objective, max_latency)
     choice = ranked[0] if ranked and ranked[0].fits and (
         max_latency is None or ranked[0].latency_s <= max_latency) else None
-    return PlanResult(model=cfg.name, chip=chip.name, phase=phase, n_chips=n_chips, batch=batch,
-                      input_len=input_len, gen_len=gen_len, objective=objective, max_latency=max_latency,
-                      choice=choice, candidates=ranked)
+    colls = collective_breakdown(cfg, chip, choice.layout, phase, choice.batch, input_len, gen_len) if choice else []
+    return PlanResult(model=cfg.name, chip=chip.name, phase=phase, n_chips=n_chips,
+                      batch=batch if isinstance(batch, int) else batches, input_len=input_len, gen_len=gen_len,
+                      objective=objective, max_latency=max_latency, choice=choice, candidates=ranked,
+                      collectives=colls)
 
 
 def no_choice_reason(res: PlanResult, chip: ChipSpec) -> str:

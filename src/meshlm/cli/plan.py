@@ -87,11 +87,11 @@ def candidates_table(res: Any, top: int) -> Any:
 
     t = Table(title=f"{res.model} on {res.n_chips} x {res.chip}, {res.phase}, batch {res.batch} "
                     f"(objective: {res.objective})")
-    for col in ("#", "ffn", "attention", "weights", "mesh", "latency", "per step", "MFU", "chip-ms/token",
+    for col in ("#", "batch", "ffn", "attention", "weights", "mesh", "latency", "per step", "MFU", "chip-ms/token",
                 "GiB/chip", "fits"):
         t.add_column(col, justify="right" if col not in ("ffn", "attention", "weights") else "left")
     for i, e in enumerate(res.candidates[:top], 1):
-        t.add_row(str(i), e.ffn, e.attention, e.weights, str(e.layout.mesh), fmt_s(e.latency_s),
+        t.add_row(str(i), str(e.batch), e.ffn, e.attention, e.weights, str(e.layout.mesh), fmt_s(e.latency_s),
                   fmt_s(e.step_latency_s), f"{e.mfu:.1%}", f"{e.cost_chip_ms_per_token:.3g}",
                   f"{e.memory_per_chip_bytes / GiB:.1f}", "yes" if e.fits else "no")
     return t
@@ -124,7 +124,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         chips = mesh.n
     if mesh is not None and mesh.n != chips:
         raise MeshlmError(f"mesh {mesh} has {mesh.n} chips, not --chips {chips}")
-    batch = pos_int(args.batch, "--batch")
+    batches = int_csv(args.batch, "--batch")
+    batch = batches[0] if len(batches) == 1 else batches
     input_len = pos_int(args.input_len, "--input-len")
     gen_len = pos_int(args.gen_len, "--gen-len")
     max_latency = pos_float(args.max_latency, "--max-latency")
@@ -143,7 +144,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 1
     for line in breakdown_lines(res.choice):
         out.print(line, highlight=False)
+    out.print(collectives_table(res.collectives))
     return 0
+
+
+def collectives_table(rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="collectives of the choice over the phase (meshlm.comm)")
+    for col in ("what", "kind", "axes", "MB each", "count", "time", "note"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["what"], r["kind"], r["axes"], f"{r['bytes'] / 1e6:.3g}", str(r["count"]), fmt_s(r["seconds"]),
+                  "prefetched under matmuls" if r["prefetched"] else "")
+    return t
 
 
 # ---- pareto ----------------------------------------------------------------------------------------
@@ -230,7 +244,8 @@ def register(sub: Any) -> None:
                        description="Rank layouts (mesh x FFN x attention x weights) by the analytical cost model.")
     add_workload_args(p)
     p.add_argument("--chips", help="number of chips")
-    p.add_argument("--batch", default="1", help="batch size in sequences (default 1)")
+    p.add_argument("--batch", default="1", help="batch size in sequences (default 1); a list 1,8,64 adds batch "
+                                                "to the enumeration")
     p.add_argument("--ffn", help=f"force the FFN layout: {', '.join(FFN_LAYOUTS)}")
     p.add_argument("--attention", help=f"force the attention layout: {', '.join(ATTN_LAYOUTS)}")
     p.add_argument("--mesh", help="force the mesh shape XxYxZ, e.g. 4x4x4")
