@@ -128,3 +128,16 @@ def test_bad_workload(kw, msg):
     args = dict(phase="decode", batch=1, input_len=8, gen_len=8) | kw
     with pytest.raises(MeshlmError, match=msg):
         estimate(preset("tiny-palm"), V4, Layout("ws2d", "batch", "bf16", MeshShape(2, 2, 2)), **args)
+
+
+@pytest.mark.parametrize("ffn, attention, batch", [("ws2d", "batch", 100), ("wg-xy", "heads", 37), ("wg-xyz", "batch", 3),
+                                                   ("ws1d", "heads", 5), ("wg-x", "batch", 1000)])
+def test_batch_interpolation_is_exact(ffn, attention, batch):
+    # the planner prices comm at two batch multiples and interpolates; it must equal a direct call
+    from meshlm.costmodel import _comm_totals, _kv_bytes_at, comm_totals, kv_bytes
+
+    cfg = preset("llama-3-70b")
+    lay = Layout(ffn, attention, "bf16", M444)
+    assert comm_totals(cfg, V4, lay, "prefill", batch, 128, 128) == pytest.approx(
+        _comm_totals(cfg, V4, lay, "prefill", batch, 128, 128), rel=1e-12)
+    assert kv_bytes(cfg, lay, batch, 300) == pytest.approx(_kv_bytes_at(cfg, lay, batch, 300), rel=1e-12)

@@ -49,7 +49,7 @@ def _comm():
 # sweeps ask the same questions thousands of times.
 def clear_caches() -> None:
     """Forget memoised results (benchmarks measure cold sweeps)."""
-    for f in (served_heads, weight_bytes, kv_bytes, matmul_params, _comm_totals):
+    for f in (served_heads, weight_bytes, _kv_bytes_at, matmul_params, _comm_totals):
         f.cache_clear()
 
 
@@ -64,8 +64,25 @@ def weight_bytes(cfg: ModelConfig, layout: Layout) -> float:
 
 
 @functools.lru_cache(maxsize=65536)
-def kv_bytes(cfg: ModelConfig, layout: Layout, batch: int, seq_len: int) -> float:
+def _kv_bytes_at(cfg: ModelConfig, layout: Layout, batch: int, seq_len: int) -> float:
     return _comm().kv_cache_bytes_per_device(cfg, layout, batch, seq_len, kv_bytes=KV_BYTES)
+
+
+def kv_bytes(cfg: ModelConfig, layout: Layout, batch: int, seq_len: int) -> float:
+    return _affine_in_batch(lambda b: (_kv_bytes_at(cfg, layout, b, seq_len),), layout, batch)[0]
+
+
+def _affine_in_batch(f: Any, layout: Layout, batch: int) -> tuple[float, ...]:
+    """f(batch) from f at one and two batch multiples of the layout. Exact: every per-device
+    buffer in meshlm.comm is the padded batch times a size, or independent of the batch
+    (tests/test_costmodel.py checks it), and sweeps then call comm twice per layout, not per batch."""
+    m = _comm().batch_multiple(layout)
+    bp = _comm().padded_batch(batch, layout)
+    if bp in (m, 2 * m):
+        return f(bp)
+    f1, f2 = f(m), f(2 * m)
+    k = bp / m - 1
+    return tuple(a + (b - a) * k for a, b in zip(f1, f2))
 
 
 @dataclass(frozen=True)
@@ -182,11 +199,17 @@ def is_weight_gather(c: Any) -> bool:
     return c.kind == "all-gather" and ".w_" in c.what
 
 
+def comm_totals(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch: int, q_len: int,
+                kv_len: int) -> tuple[float, ...]:
+    """(activation bandwidth s, weight-gather bandwidth s, latency s, bytes) of every collective
+    of one forward pass."""
+    return _affine_in_batch(lambda b: _comm_totals(cfg, chip, layout, phase, b, q_len, kv_len), layout, batch)
+
+
 @functools.lru_cache(maxsize=65536)
 def _comm_totals(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch: int, q_len: int,
                  kv_len: int) -> tuple[float, float, float, float]:
-    """(activation bandwidth s, weight-gather bandwidth s, latency s, bytes) of every collective
-    of one forward pass."""
+    """comm_totals at exactly this batch (one call of comm.forward_collectives)."""
     act_s = w_s = lat_s = nbytes = 0.0
     for c in _comm().forward_collectives(cfg, layout, phase, batch, q_len, kv_len, act_bytes=ACT_BYTES):
         t_bw, t_lat = collective_time(chip, layout, c.kind, c.axes, c.bytes)
@@ -235,7 +258,7 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     attn = 4.0 * tokens * kv_len * h_served * cfg.d_head * cfg.n_layers / n / flops
     wmem = weight_read_bytes(cfg, layout) / chip.mem_bw
     kvmem = kv_bytes_dev / chip.mem_bw
-    act_s, w_s, lat_s, nbytes = _comm_totals(cfg, chip, layout, phase, batch, q_len, int(round(kv_len)))
+    act_s, w_s, lat_s, nbytes = comm_totals(cfg, chip, layout, phase, batch, q_len, int(round(kv_len)))
     # Weight gathers hide under the matmuls (prefetched a layer ahead, §3.5); what is left over,
     # activation collectives (on the critical path) and ring-step latencies are exposed.
     exposed = act_s + max(0.0, w_s - matmul)
