@@ -84,3 +84,11 @@ def test_unknown_chip():
     with pytest.raises(MeshlmError):
         chip_from_dict({"name": "x", "peak_flops": "fast", "hbm_bytes": 1, "hbm_bw": 1, "link_bw": 1,
                         "topology": "3d-torus", "torus_dims": 3})
+
+
+def test_local_spec(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHLM_HOME", str(tmp_path))
+    with pytest.raises(MeshlmError, match="meshlm calibrate"):
+        load_chip("local")
+    save_chip(CHIPS["h200"], tmp_path / "local.json")
+    assert load_chip("local") == CHIPS["h200"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,13 +183,23 @@ def chip_from_dict(d: Any, where: str = "chip spec") -> ChipSpec:
         raise MeshlmError(f"{where}: {e}") from None
 
 
+def local_spec_path() -> Path:
+    """Where `meshlm calibrate` writes by default: what `--hardware local` reads."""
+    return Path(os.environ.get("MESHLM_HOME", Path.home() / ".cache" / "meshlm")) / "local.json"
+
+
 def load_chip(name_or_path: str) -> ChipSpec:
-    """A preset name or a JSON file holding one ChipSpec object."""
+    """A preset name, 'local' (the last `meshlm calibrate` spec) or a JSON file with one ChipSpec."""
     if name_or_path in CHIPS:
         return CHIPS[name_or_path]
-    p = Path(name_or_path)
+    if name_or_path == "local":
+        p = local_spec_path()
+        if not p.is_file():
+            raise MeshlmError(f"no local chip spec at {p}; run `meshlm calibrate` first")
+    else:
+        p = Path(name_or_path)
     if not p.is_file():
-        raise MeshlmError(f"unknown chip {name_or_path!r}; known: {', '.join(CHIPS)} or a path to a JSON spec")
+        raise MeshlmError(f"unknown chip {name_or_path!r}; known: {', '.join(CHIPS)}, local, or a path to a JSON spec")
     try:
         d = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
