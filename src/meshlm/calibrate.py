@@ -135,15 +135,6 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
     return cal
 
 
-def default_spec_path():
-    """Where `meshlm calibrate` writes by default and `--hardware local` reads."""
-    import os
-    from pathlib import Path
-
-    home = Path(os.environ.get("MESHLM_HOME", Path.home() / ".cache" / "meshlm"))
-    return home / "local.json"
-
-
 def host_memory_bytes() -> float:
     import os
 

@@ -30,14 +30,14 @@ def run(args) -> int:
 
         simulate_cpu_devices(args.devices)
     from meshlm import calibrate as cal_mod
-    from meshlm.hardware import chip_from_dict
+    from meshlm.hardware import chip_from_dict, local_spec_path
 
     log = (lambda m: print(m, file=sys.stderr))
     cal = cal_mod.calibrate(quick=args.quick, log=log)
     compute = "f32" if cal.platform == "cpu" else "bf16"  # the dtype the engine computes in there
     spec = cal_mod.to_chip_dict(cal, compute)
     chip_from_dict(spec, where="measured spec")  # the planner must accept what we write
-    out = Path(args.out) if args.out else cal_mod.default_spec_path()
+    out = Path(args.out) if args.out else local_spec_path()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(spec, indent=2) + "\n")
     if args.json:
