@@ -36,8 +36,12 @@ class Backend(Protocol):
     cfg: ModelConfig
 
     def init_cache(self, batch: int, max_len: int) -> Any: ...
-    def prefill(self, params, tokens, lengths, cache) -> tuple[jax.Array, Any]: ...
-    def decode(self, params, cache, tokens, positions) -> tuple[jax.Array, Any]: ...
+    def prefill(self, params, tokens, lengths, cache) -> tuple[jax.Array, Any]:
+        """tokens [B, L] right-padded, lengths [B] -> (logits [B, V] at each prompt's last token, cache)."""
+    def decode(self, params, cache, tokens, positions) -> tuple[jax.Array, Any]:
+        """tokens [B], positions [B] -> (logits [B, V], cache)."""
+    def adopt_cache(self, cache, source: "Backend") -> Any:
+        """A cache filled by `source` (the prefill backend) laid out for this backend."""
 
 
 @dataclass
@@ -51,10 +55,14 @@ class ReferenceBackend:
         return reference.init_cache(self.cfg, batch, max_len, self.dtype)
 
     def prefill(self, params, tokens, lengths, cache):
-        return reference.prefill(params, self.cfg, tokens, lengths, cache)
+        logits, cache = reference.prefill(params, self.cfg, tokens, lengths, cache)
+        return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
 
     def decode(self, params, cache, tokens, positions):
         return reference.decode(params, self.cfg, cache, tokens, positions)
+
+    def adopt_cache(self, cache, source):
+        return cache
 
 
 def bucket(n: int, lo: int = 8) -> int:
@@ -75,15 +83,18 @@ class Engine:
     """prefill / insert / generate over `slots` decode slots of `max_len` positions each."""
 
     def __init__(self, backend: Backend, params, *, slots: int = 4, max_len: int = 512,
-                 prefill_backend: Backend | None = None, eos_ids: Sequence[int] = ()):
+                 prefill_backend: Backend | None = None, eos_ids: Sequence[int] = (),
+                 prefill_batch_multiple: int = 1):
         self.backend, self.params = backend, params
         self.prefill_backend = prefill_backend or backend  # prefill may run another layout
         self.cfg = backend.cfg
         self.slots, self.max_len = slots, min(max_len, self.cfg.max_seq_len)
         self.eos_ids = tuple(eos_ids)
+        self.prefill_batch_multiple = prefill_batch_multiple  # the layouts' batch divisibility
         self.cache = backend.init_cache(slots, self.max_len)  # preallocated once, donated every step
         self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(3,))
-        self._insert_jit = jax.jit(_insert_fn, donate_argnums=(0,))
+        shardings = jax.tree.map(lambda a: a.sharding, self.cache)  # insert keeps decode's layout
+        self._insert_jit = jax.jit(_insert_fn, donate_argnums=(0,), out_shardings=shardings)
         self._generate_jit = jax.jit(self._generate_fn, donate_argnums=(1,))
         # host-side slot state
         self.tokens = np.zeros(slots, np.int32)  # last sampled token of each slot (the next input)
@@ -94,8 +105,7 @@ class Engine:
 
     # ---- jitted bodies -------------------------------------------------------------------------
     def _prefill_fn(self, params, tokens, lengths, cache, sp):
-        logits, cache = self.prefill_backend.prefill(params, tokens, lengths, cache)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+        last, cache = self.prefill_backend.prefill(params, tokens, lengths, cache)  # last [B, V]
         return sample(last, lengths, sp), cache
 
     def _generate_fn(self, params, cache, tokens, positions, sp):
@@ -110,7 +120,8 @@ class Engine:
             raise MeshlmError("empty prompt: at least one token is needed")
         if max(lengths) >= self.max_len:
             raise MeshlmError(f"prompt of {max(lengths)} tokens does not fit the context of {self.max_len}")
-        B, L = bucket(len(prompts), 1), min(bucket(max(lengths)), self.max_len)
+        m = self.prefill_batch_multiple
+        B, L = -(-bucket(len(prompts), 1) // m) * m, min(bucket(max(lengths)), self.max_len)
         tokens = np.zeros((B, L), np.int32)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = p
@@ -118,6 +129,7 @@ class Engine:
         sp = batch_arrays(list(sampling) + [SamplingParams()] * (B - len(prompts)))
         cache = self.prefill_backend.init_cache(B, L)
         ids, cache = self._prefill_jit(self.params, tokens, lens, cache, sp)
+        cache = self.backend.adopt_cache(cache, self.prefill_backend)
         return Prefilled(cache, lengths, [int(i) for i in np.asarray(ids)[:len(prompts)]])
 
     def insert(self, pre: Prefilled, index: int, slot: int, sampling: SamplingParams) -> None:

@@ -1,0 +1,172 @@
+"""Serve a checkpoint on the local devices: pick a mesh and a layout per phase with the planner
+(unless forced), load the weights once onto the mesh, and build the engine.
+
+    d = deploy("default", n_devices=8)                     # SmolLM2 on 8 (simulated) devices
+    d = deploy(path, mesh=MeshShape(2, 2, 2), prefill="wg-xyz/heads", decode="ws2d/batch", quantize="int8")
+    for delta in d.text.stream("The capital of France is", SamplingParams(max_tokens=16)): ...
+
+Both phases read ONE copy of the weights (the shared storage E_x F_yz, or E F_xyz when both
+phases run ws1d). Prefill fills a cache laid out for its own attention layout; when decode's
+differs, the cache is converted once per prefill batch, before insert.
+
+The chip spec priced by the planner: the local calibration (`meshlm calibrate`) when present,
+the vendor spec for known GPUs/TPUs, else `generic_cpu_spec` (documented numbers of a small
+2-core host, split evenly over the simulated devices that share it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+
+from meshlm import comm
+from meshlm.checkpoints import LoadedModel, load_model
+from meshlm.config import ModelConfig
+from meshlm.costmodel import Estimate, estimate
+from meshlm.engine import Engine, TextGenerator
+from meshlm.errors import MeshlmError
+from meshlm.hardware import CHIPS, ChipSpec, load_chip, local_spec_path
+from meshlm.layouts import Layout, MeshShape, parse_phase_layout
+from meshlm.planner import best_layout
+from meshlm.sharded import ShardedModel
+
+
+class ShardedBackend:
+    """One layout of the sharded model as an engine `Backend` (jitted passes traced into the engine's steps)."""
+
+    def __init__(self, sm: ShardedModel, layout: Layout, params):
+        self.sm, self.layout, self.cfg = sm, layout, sm.cfg
+        self.batch_multiple = comm.batch_multiple(layout)
+        sm._check_params(layout, params)
+        # built once with the concrete params (their shardings give the shard_map specs)
+        self._prefill = sm._fn(layout, "prefill", False, params)
+        self._decode = sm._fn(layout, "decode", False, params)
+
+    def init_cache(self, batch, max_len):
+        return self.sm.init_cache(self.layout, batch, max_len)
+
+    def prefill(self, params, tokens, lengths, cache):
+        logits, cache = self._prefill(params, tokens, lengths, cache)
+        return logits[:, 0], cache
+
+    def decode(self, params, cache, tokens, positions):
+        logits, cache = self._decode(params, tokens[:, None], positions, cache)
+        return logits[:, 0], cache
+
+    def adopt_cache(self, cache, source: "ShardedBackend"):
+        """A prefill cache laid out for `source` -> laid out for this backend's attention."""
+        if comm.attention_axes(source.layout) == comm.attention_axes(self.layout) and \
+                self.sm.cache_heads(source.layout) == self.sm.cache_heads(self.layout):
+            return cache
+        return self.sm.convert_cache(cache, self.layout)
+
+
+def generic_cpu_spec(n_devices: int) -> ChipSpec:
+    """A CPU host split into n simulated devices: ~180 GFLOP/s f32 and ~24 GB/s memory in total
+    (measured on the 2-core development host, DESIGN.md); collectives are memory copies."""
+    n = max(1, n_devices)
+    return ChipSpec(name=f"cpu-generic/{n}", peak_flops=1.8e11 / n, hbm_bytes=16 * 2**30 / n, hbm_bw=2.4e10 / n,
+                    link_bw=2.4e10 / n, topology="switch", switch_domain=n, flops_efficiency=1.0,
+                    hbm_efficiency=1.0, hop_latency_s=2e-5, source="generic CPU host (meshlm.deploy)")
+
+
+def local_chip(n_devices: int) -> ChipSpec:
+    """The spec the planner prices for the local devices (see module docstring)."""
+    dev = jax.devices()[0]
+    if local_spec_path().is_file():
+        return load_chip("local")
+    kind = dev.device_kind.lower()
+    for key, name in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"), ("v4", "tpu-v4"),
+                      ("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("v6", "tpu-v6e")):
+        if key in kind:
+            return CHIPS[name]
+    return generic_cpu_spec(n_devices)
+
+
+@dataclass
+class Deployment:
+    model: LoadedModel
+    chip: ChipSpec
+    layouts: dict[str, Layout]  # phase -> layout
+    predicted: dict[str, Estimate]  # phase -> the cost model's estimate for the planned workload
+    engine: Engine
+    text: TextGenerator
+
+    def layouts_json(self) -> dict:
+        return {ph: lay.to_dict() | {"short": lay.short} for ph, lay in self.layouts.items()}
+
+
+def choose_layouts(cfg: ModelConfig, chip: ChipSpec, n: int, mesh: MeshShape | None, weights: str,
+                   forced: dict[str, str | None], batch: int, input_len: int, gen_len: int) -> dict[str, Estimate]:
+    """Decode's layout (and the mesh) first, then prefill's on that mesh: one copy of the weights."""
+    out: dict[str, Estimate] = {}
+    for phase in ("decode", "prefill"):
+        ffn, attn = parse_phase_layout(forced[phase]) if forced.get(phase) else (None, None)
+        meshes = [mesh] if mesh else ([out["decode"].layout.mesh] if out else chip.mesh_shapes(n) or
+                                      MeshShape.all_for(n))
+        best = None
+        for m in meshes:  # the planner may not know every logical mesh: price each explicitly
+            try:
+                e = best_layout(cfg, chip, n, phase, batch, input_len, gen_len, ffn=ffn, attention=attn,
+                                weights=weights, mesh=m)
+            except MeshlmError:
+                continue
+            if best is None or e.latency_s < best.latency_s:
+                best = e
+        if best is None:
+            lay = Layout(ffn or "ws2d", attn or "heads", weights, meshes[0])
+            best = estimate(cfg, chip, lay, phase, batch, input_len, gen_len)
+        out[phase] = best
+    p, d = out["prefill"].layout, out["decode"].layout
+    if (p.ffn == "ws1d") != (d.ffn == "ws1d"):
+        raise MeshlmError(f"prefill {p.short} and decode {d.short} cannot share one copy of the weights: ws1d "
+                          f"stores them as E F_xyz, the others as E_x F_yz; run both phases ws1d or neither")
+    return out
+
+
+def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshShape | None = None,
+           prefill: str | None = None, decode: str | None = None, quantize: str | None = None,
+           slots: int = 1, max_len: int = 512, batch: int | None = None, input_len: int = 16,
+           gen_len: int = 32, progress: bool = True) -> Deployment:
+    """Load `model` onto the mesh and build its engine. batch/input_len/gen_len describe the
+    expected workload the planner prices (batch defaults to `slots`)."""
+    if quantize not in (None, "int8"):
+        raise MeshlmError(f"--quantize supports only int8, got {quantize!r}")
+    avail = len(jax.devices())
+    n = mesh.n if mesh else (n_devices or avail)
+    if n_devices and mesh and mesh.n != n_devices:
+        raise MeshlmError(f"mesh {mesh} has {mesh.n} devices but --devices is {n_devices}")
+    if n > avail:
+        raise MeshlmError(f"{n} devices requested, {avail} available (on a CPU-only host, --devices N simulates N)")
+    # weights stay on the host until the layout (and so each leaf's sharding) is known
+    loaded = load_model(model, placer_for=lambda cfg: (lambda path, a: a), progress=progress)
+    cfg = loaded.cfg
+    weights = quantize or ("f32" if jax.devices()[0].platform == "cpu" else "bf16")
+    chip = local_chip(n)
+    est = choose_layouts(cfg, chip, n, mesh, weights, {"prefill": prefill, "decode": decode},
+                         batch or slots, input_len, gen_len)
+    lay = {ph: e.layout for ph, e in est.items()}
+    sm = ShardedModel(cfg, lay["decode"].mesh)
+    storage = "1d" if lay["decode"].ffn == "ws1d" else "2d"
+    params = sm.shard_params(loaded.params, weights=weights, storage=storage)
+    loaded.params = params  # the host copy is dropped: devices hold their shards only
+    dec, pre = ShardedBackend(sm, lay["decode"], params), ShardedBackend(sm, lay["prefill"], params)
+    mult = math.lcm(dec.batch_multiple, pre.batch_multiple)
+    slots = -(-slots // dec.batch_multiple) * dec.batch_multiple
+    eng = Engine(dec, params, slots=slots, max_len=max_len, prefill_backend=pre, eos_ids=loaded.tokenizer.eos_ids,
+                 prefill_batch_multiple=mult)
+    return Deployment(loaded, chip, lay, est, eng, TextGenerator(eng, loaded.tokenizer))
+
+
+def measured_vs_predicted(d: Deployment) -> dict[str, dict[str, float]]:
+    """The last run's measured prefill and per-step decode latency beside the cost model's."""
+    s = d.engine.stats
+    return {"prefill": {"predicted_s": d.predicted["prefill"].latency_s, "measured_s": s.ttft_s or 0.0},
+            "decode": {"predicted_s_per_token": d.predicted["decode"].step_latency_s,
+                       "measured_s_per_token": s.decode_s_per_step}}
+
+
+__all__ = ["ShardedBackend", "Deployment", "deploy", "choose_layouts", "local_chip", "generic_cpu_spec",
+           "measured_vs_predicted"]
