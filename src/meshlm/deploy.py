@@ -160,12 +160,17 @@ def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshSh
     return Deployment(loaded, chip, lay, est, eng, TextGenerator(eng, loaded.tokenizer))
 
 
-def measured_vs_predicted(d: Deployment) -> dict[str, dict[str, float]]:
-    """The last run's measured prefill and per-step decode latency beside the cost model's."""
-    s = d.engine.stats
-    return {"prefill": {"predicted_s": d.predicted["prefill"].latency_s, "measured_s": s.ttft_s or 0.0},
-            "decode": {"predicted_s_per_token": d.predicted["decode"].step_latency_s,
-                       "measured_s_per_token": s.decode_s_per_step}}
+def measured_vs_predicted(d: Deployment, prompt_len: int) -> dict[str, dict[str, float]]:
+    """The last run's measured latencies beside the cost model's for exactly what ran: prefill of
+    the padded (B, L) bucket, and decode steps of all slots at the prompt's context length."""
+    s, cfg = d.engine.stats, d.model.cfg
+    B, L = s.prefill_shape
+    steps = max(1, s.decode_steps)
+    pre = estimate(cfg, d.chip, d.layouts["prefill"], "prefill", max(B, 1), max(L, 1), 1)
+    dec = estimate(cfg, d.chip, d.layouts["decode"], "decode", d.engine.slots, max(1, prompt_len), steps)
+    return {"prefill": {"predicted_s": pre.latency_s, "measured_s": s.ttft_s or 0.0, "batch": B, "length": L},
+            "decode": {"predicted_s_per_token": dec.step_latency_s, "measured_s_per_token": s.decode_s_per_step,
+                       "batch": d.engine.slots, "steps": s.decode_steps}}
 
 
 __all__ = ["ShardedBackend", "Deployment", "deploy", "choose_layouts", "local_chip", "generic_cpu_spec",

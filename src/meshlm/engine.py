@@ -130,6 +130,7 @@ class Engine:
         cache = self.prefill_backend.init_cache(B, L)
         ids, cache = self._prefill_jit(self.params, tokens, lens, cache, sp)
         cache = self.backend.adopt_cache(cache, self.prefill_backend)
+        self.stats.prefill_shape = (B, L)
         return Prefilled(cache, lengths, [int(i) for i in np.asarray(ids)[:len(prompts)]])
 
     def insert(self, pre: Prefilled, index: int, slot: int, sampling: SamplingParams) -> None:
@@ -226,6 +227,7 @@ def _insert_fn(cache, pre_cache, index, slot):
 @dataclass
 class RunStats:
     ttft_s: float | None = None  # start -> first token of the first prefill batch
+    prefill_shape: tuple[int, int] = (0, 0)  # (B, L) of the last prefill, padded to its buckets
     decode_s: float = 0.0  # time in decode steps
     decode_steps: int = 0
     total_s: float = 0.0
@@ -286,10 +288,11 @@ class TextGenerator:
     def __init__(self, engine: Engine, tokenizer):
         self.engine, self.tokenizer = engine, tokenizer
 
-    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+    def encode(self, prompt: str | list[dict[str, str]], chat: bool = False) -> list[int]:
+        """Prompt ids: plain text, or (chat) a user message / a list of messages through the chat template."""
         if chat:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(text, add_special=False)
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special=False)
         return self.tokenizer.encode(prompt)
 
     def stream_many(self, prompt_ids: Sequence[Sequence[int]], sampling: Sequence[SamplingParams] | SamplingParams,
@@ -305,7 +308,7 @@ class TextGenerator:
         for req, dt in enumerate(detoks):
             yield req, dt.delta(final=True), dt
 
-    def stream(self, prompt: str, sampling: SamplingParams, chat: bool = False) -> Iterator[str]:
+    def stream(self, prompt: str | list[dict[str, str]], sampling: SamplingParams, chat: bool = False) -> Iterator[str]:
         """Text deltas of one prompt's continuation."""
         for _, d, _ in self.stream_many([self.encode(prompt, chat)], sampling):
             if d:

@@ -1,0 +1,141 @@
+"""`meshlm generate` (stream a continuation) and `meshlm chat` (interactive, with the chat template)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from meshlm.cli import positive_int
+from meshlm.errors import MeshlmError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct), a .gguf file or a Hugging Face checkpoint directory")
+    p.add_argument("--devices", type=positive_int, help="devices to use; on a CPU-only host, simulate N devices")
+    p.add_argument("--mesh", help="mesh XxYxZ (default: the planner's choice for the devices)")
+    p.add_argument("--prefill-layout", metavar="FFN/ATTN", help="force the prefill layout, e.g. wg-xyz/heads")
+    p.add_argument("--decode-layout", metavar="FFN/ATTN", help="force the decode layout, e.g. ws2d/batch")
+    p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load time")
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="maximum new tokens (default 64)")
+    p.add_argument("--max-len", type=positive_int, default=1024, help="context length of a slot (default 1024)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt on a device mesh (streams to stdout)")
+    p.add_argument("prompt")
+    _add_model_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timings, layouts)")
+    p.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _add_model_args(c)
+    c.add_argument("--system", help="a system message")
+    c.set_defaults(func=cmd_chat)
+
+
+def _setup(args: argparse.Namespace):
+    """Simulated devices first (before JAX starts its backends), then load and plan."""
+    from meshlm.layouts import MeshShape
+    from meshlm.mesh import simulate_cpu_devices
+
+    mesh = MeshShape.parse(args.mesh) if args.mesh else None
+    n = args.devices or (mesh.n if mesh else None)
+    if n:
+        simulate_cpu_devices(n)  # only affects the CPU backend; GPUs/TPUs are used as they are
+    from meshlm.deploy import deploy
+    from meshlm.sampling import SamplingParams
+
+    sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        max_tokens=args.max_tokens, stop=tuple(args.stop))
+    d = deploy(args.model, n_devices=n, mesh=mesh, prefill=args.prefill_layout, decode=args.decode_layout,
+               quantize=args.quantize, max_len=args.max_len, gen_len=args.max_tokens,
+               progress=not args.no_progress)
+    return d, sp
+
+
+def warmup(d, ids: list[int]) -> float:
+    """Compile this prompt's prefill bucket, insert and the decode step, so timings exclude compilation."""
+    import time
+
+    from meshlm.sampling import SamplingParams
+
+    t = time.perf_counter()
+    d.engine.generate_ids([ids], SamplingParams(max_tokens=2, ignore_eos=True))
+    return time.perf_counter() - t
+
+
+def _describe(d) -> str:
+    lay = d.layouts
+    return (f"{d.model.cfg.name} on {lay['decode'].mesh} ({d.chip.name}), weights {lay['decode'].weights}: "
+            f"prefill {lay['prefill'].short}, decode {lay['decode'].short}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from meshlm.deploy import measured_vs_predicted
+
+    d, sp = _setup(args)
+    ids = d.text.encode(args.prompt, chat=args.chat)
+    compile_s = warmup(d, ids)
+    if args.json:
+        out = {}
+        for _, _, dt in d.text.stream_many([ids], sp):
+            out = {"token_ids": dt.ids, "text": dt.text}
+        st = d.engine.stats
+        print(json.dumps({"model": d.model.source, "prompt": args.prompt, "prompt_token_ids": ids, **out,
+                          "finish_reason": st.finish.get(0, "length"), "ttft_s": st.ttft_s,
+                          "decode_s_per_token": st.decode_s_per_step, "layouts": d.layouts_json(),
+                          "latency": measured_vs_predicted(d, len(ids)), "compile_s": compile_s,
+                          "chip": d.chip.name}))
+        return 0
+    print(_describe(d), file=sys.stderr)
+    for delta in d.text.stream_many([ids], sp):
+        sys.stdout.write(delta[1])
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    _print_timing(d, len(ids))
+    return 0
+
+
+def _print_timing(d, prompt_len: int) -> None:
+    from meshlm.deploy import measured_vs_predicted
+
+    m = measured_vs_predicted(d, prompt_len)
+    p, dd = m["prefill"], m["decode"]
+    print(f"prefill {d.layouts['prefill'].short}: {p['measured_s'] * 1e3:.1f} ms measured "
+          f"(predicted {p['predicted_s'] * 1e3:.1f} ms); decode {d.layouts['decode'].short}: "
+          f"{dd['measured_s_per_token'] * 1e3:.1f} ms/token measured "
+          f"(predicted {dd['predicted_s_per_token'] * 1e3:.1f} ms)", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    d, sp = _setup(args)
+    if not d.model.tokenizer.chat_template:
+        raise MeshlmError("this model has no chat template; use `meshlm generate`")
+    print(_describe(d) + "\n(empty line or Ctrl-D to quit)", file=sys.stderr)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = d.text.encode(messages, chat=True)
+        reply = []
+        for delta in d.text.stream_many([ids], sp):
+            reply.append(delta[1])
+            sys.stdout.write(delta[1])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
