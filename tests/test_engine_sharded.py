@@ -1,0 +1,51 @@
+"""The engine on the sharded model, 8 simulated devices (mesh 2x2x2): prefill and decode layouts
+mixed freely over one copy of the weights give the reference model's greedy tokens, for a batch
+of prompts of different lengths. Every prefill layout is paired with ws2d/batch decode and every
+decode layout with wg-xyz/heads prefill (both pairs change the attention layout, so the cache is
+converted before insert); ws1d, which stores weights differently, pairs with itself."""
+
+import numpy as np
+import pytest
+
+from hf_models import make_hf_model
+from meshlm.checkpoints import load_model
+from meshlm.deploy import ShardedBackend
+from meshlm.engine import Engine, ReferenceBackend
+from meshlm.layouts import ATTN_LAYOUTS, Layout, MeshShape
+from meshlm.planner import SHARED_STORAGE_FFN
+from meshlm.sampling import SamplingParams
+from meshlm.sharded import ShardedModel
+
+MESH = MeshShape(2, 2, 2)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]]
+SP = SamplingParams(max_tokens=10, ignore_eos=True)
+SHARED = [f"{f}/{a}" for f in SHARED_STORAGE_FFN for a in ATTN_LAYOUTS]
+COMBOS = sorted({(p, "ws2d/batch") for p in SHARED} | {("wg-xyz/heads", d) for d in SHARED}
+                | {("ws1d/heads", "ws1d/batch"), ("ws1d/batch", "ws1d/heads")})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama8")
+    make_hf_model("llama", d)
+    host = load_model(d, placer_for=lambda cfg: (lambda path, a: a), progress=False)
+    ref = load_model(d, progress=False)
+    want = Engine(ReferenceBackend(ref.cfg), ref.params, slots=4, max_len=32).generate_ids(PROMPTS, SP)
+    sm = ShardedModel(host.cfg, MESH)
+    params = {s: sm.shard_params(host.params, weights="f32", storage=s) for s in ("1d", "2d")}
+    return sm, params, want
+
+
+def _layout(text):
+    f, a = text.split("/")
+    return Layout(f, a, "f32", MESH)
+
+
+@pytest.mark.parametrize("prefill,decode", COMBOS)
+def test_layout_pair_gives_reference_greedy_tokens(setup, prefill, decode):
+    sm, params, want = setup
+    p = params["1d" if prefill.startswith("ws1d") else "2d"]
+    pre, dec = ShardedBackend(sm, _layout(prefill), p), ShardedBackend(sm, _layout(decode), p)
+    eng = Engine(dec, p, slots=dec.batch_multiple, max_len=32, prefill_backend=pre,
+                 prefill_batch_multiple=int(np.lcm(pre.batch_multiple, dec.batch_multiple)))
+    assert eng.generate_ids(PROMPTS, SP) == want
