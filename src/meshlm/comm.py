@@ -148,6 +148,11 @@ def forward_collectives(cfg, layout: Layout, phase: str, batch: int, q_len: int,
     e_size = m.size(p.e_axes)
     nstat = 1 if cfg.norm == "rmsnorm" else 2
     resid_e = dict(parse_spec(p.resid))["E"]
+    # int8: the f32 scales travel inside each weight all-gather as 4 extra int8 rows per gathered
+    # block (replicated copies included: nx over x for W_in, nc over the F axes for W_out)
+    s_rows = 4 if layout.weights == "int8" else 0
+    nx = m.size(live_axes("x", m) if "x" in wg else "")
+    nc = m.size("".join(a for a in wg if a != "x"))
     out: list[Collective] = []
 
     def add(kind, axes, nbytes, count, what):
@@ -167,14 +172,14 @@ def forward_collectives(cfg, layout: Layout, phase: str, batch: int, q_len: int,
         # collective matmul normalises before gathering: the statistics span all of E's axes
         stat_axes = live_axes(resid_e, m) if (layout.collective_matmul and ag) else ea
         add("all-reduce", stat_axes, Bl * L * nstat * STAT_BYTES, Y, f"{name}.norm_stats")
-        add("all-gather", wg, E / e_size * c_in / st_size * w, Y, f"{name}.w_in.gather")
+        add("all-gather", wg, (E / e_size + s_rows * nx) * c_in / st_size * w, Y, f"{name}.w_in.gather")
         add("reduce-scatter", ea, Bl * L * c_in / st_size * a, Y, f"{name}.in.reduce_scatter")
         if has_attn and layout.attention == "batch":
             ha = live_axes(proj_head_axes(layout), m)
             add("all-to-all", ha, Bl * L * (Hs + 2 * Kx) * D / fa_size * a, Y, "attn.qkv.all_to_all")
             add("all-to-all", ha, Bl * L * Hs * D / fa_size * a, Y, "attn.out.all_to_all")
         add("all-gather", ea, Bl * L * c_mid / st_size * a, Y, f"{name}.mid.all_gather")
-        add("all-gather", wg, c_mid / st_size * E / e_size * w, Y, f"{name}.w_out.gather")
+        add("all-gather", wg, (c_mid / st_size + s_rows * nc) * E / e_size * w, Y, f"{name}.w_out.gather")
         gather_or_loop("reduce-scatter", ag, Bl * L * E / e_size * a, f"{name}.out.reduce_scatter")
     allx = live_axes("xyz", m)
     Vs = served_vocab(cfg, m)
@@ -206,18 +211,19 @@ def kv_cache_bytes_per_device(cfg, layout: Layout, batch: int, seq_len: int, kv_
 
 def weight_bytes_per_device(cfg, layout: Layout) -> float:
     """Stored parameters on one device. Matrices are split over all n devices (fused input matrix
-    E_x C_zy, fused output matrix C_zy E_x; embedding / output projection V_xyz); norms, biases and
-    int8 scales are O(E + C) per layer and replicated in f32."""
+    E_x C_zy, fused output matrix C_zy E_x; embedding / output projection V_xyz); int8 scales are
+    split like their columns; norms and biases are O(E + C) per layer and replicated in f32."""
     m = layout.mesh
     n, w = m.n, layout.bytes_per_weight
     E, Y = cfg.d_model, cfg.n_layers
     Vs = served_vocab(cfg, m)
     int8 = layout.weights == "int8"
     total = 0.0
+    one_d = layout.ffn == "ws1d"
     for _, c_in, c_mid, _ in _units(cfg, m):
         total += Y * (E * c_in + c_mid * E) / n * w
-        if int8:
-            total += Y * (c_in + E) * 4
+        if int8:  # scales split like their columns: C_zy (1D: C_zyx), E_x (1D: E replicated)
+            total += Y * (c_in / (n if one_d else m.y * m.z) + (E if one_d else E / m.x)) * 4
     Hs, _ = served_heads(cfg, m)
     Kx = kv_slots(cfg, m)
     small = cfg.norms_per_layer * cfg.norm_params
@@ -232,7 +238,7 @@ def weight_bytes_per_device(cfg, layout: Layout) -> float:
     n_vocab_mats = 1 if cfg.tie_embeddings else 2
     total += n_vocab_mats * Vs * E / n * w
     if int8:
-        total += n_vocab_mats * Vs * 4
+        total += n_vocab_mats * Vs / n * 4
     if cfg.lm_head_bias:
         total += Vs / n * 4
     return total

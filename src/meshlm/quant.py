@@ -57,3 +57,43 @@ def dot_rows(x, w, dtype):
 
     acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], w.shape[1]), jnp.float32), (xb, wb))
     return acc.astype(dtype)
+
+
+def _fake(w, axis: int):
+    """w with every slice along `axis` quantized and dequantized (numpy, f32)."""
+    t = quantize(w, axis=axis)
+    shape = [1] * t["q"].ndim
+    shape[axis % t["q"].ndim] = -1
+    return t["q"].astype(np.float32) * t["s"].reshape(shape)
+
+
+def int8_as_f32(params, cfg):
+    """The canonical f32 params that meshlm's int8 model computes with (same scale groups as
+    meshlm.sharded_params: per output column of each input matrix and per layer; output matrices
+    share one scale per E column, fused with W_O in the parallel block; embedding per row,
+    lm_head per column). Lets tests hold the int8 path to 1e-4 against the reference."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    lp = dict(p["layers"])
+    Y = cfg.n_layers
+    for name in ("w_gate", "w_up", "w_in", "wq", "wk", "wv"):
+        if name in lp:
+            w = lp[name]
+            flat = w.reshape(Y, w.shape[1], -1)
+            lp[name] = np.stack([_fake(flat[i], axis=-1) for i in range(Y)]).reshape(w.shape)
+    wo = lp["wo"].reshape(Y, -1, cfg.d_model)
+    groups = [[wo, lp["w_out"]]] if cfg.block == "parallel" else [[wo], [lp["w_out"]]]
+    out = {}
+    for g in groups:
+        joint = np.concatenate(g, axis=1)
+        fq = np.stack([_fake(joint[i], axis=-1) for i in range(Y)])
+        o = 0
+        for a in g:
+            out[id(a)] = fq[:, o:o + a.shape[1]]
+            o += a.shape[1]
+    lp["wo"] = out[id(wo)].reshape(lp["wo"].shape)
+    lp["w_out"] = out[id(lp["w_out"])]
+    p["layers"] = lp
+    p["embed"] = _fake(p["embed"], axis=0)
+    if "lm_head" in p:
+        p["lm_head"] = _fake(p["lm_head"], axis=1)
+    return p

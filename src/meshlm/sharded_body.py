@@ -71,11 +71,6 @@ class Body:
             o += g
         return jnp.concatenate(parts, axis=-1)
 
-    def pre_cols(self, v, segs):
-        if self.layout.ffn == "ws1d":
-            return self.post_cols(v, segs)
-        return self._blocks(v)
-
     def post_cols(self, v, segs):
         b = self._blocks(v)
         if not self.split_x:
@@ -83,21 +78,34 @@ class Body:
         return lax.dynamic_index_in_dim(self._split_x(b, segs), lax.axis_index("x"), axis=1, keepdims=False)
 
     # ---- weights ----------------------------------------------------------------------------
+    # int8 scales ride in the weight's one all-gather as 4 extra int8 rows (their f32 bits).
     def gather_in(self, w):
-        """Stored block [E_s, Cb] -> [E_l, N, Cb] (one all-gather over the weight-gather axes)."""
+        """Stored block [E_s, Cb] (int8: + scales [Cb]) -> ([E_l, N, Cb], scales [N, Cb] or None)."""
+        q, s = (w["q"], w["s"]) if is_quantized(w) else (w, None)
         if not (self.wg_e or self.wg_c):
-            return w[:, None, :]
-        nx, nc = self.m.size("".join(self.wg_e)), self.nblk
-        g = gather_blocks(w, self.wg_e + self.wg_c, 0).reshape(nx, nc, *w.shape)
-        return g.transpose(0, 2, 1, 3).reshape(nx * w.shape[0], nc, w.shape[1])
+            return q[:, None, :], (None if s is None else s[None])
+        nx, nc, Es = self.m.size("".join(self.wg_e)), self.nblk, q.shape[0]
+        if s is not None:
+            q = jnp.concatenate([q, lax.bitcast_convert_type(s, jnp.int8).T], axis=0)
+        g = gather_blocks(q, self.wg_e + self.wg_c, 0).reshape(nx, nc, *q.shape)
+        wq = g[:, :, :Es].transpose(0, 2, 1, 3).reshape(nx * Es, nc, q.shape[1])
+        if s is None:
+            return wq, None
+        return wq, lax.bitcast_convert_type(g[0, :, Es:].transpose(0, 2, 1), jnp.float32)
 
     def gather_out(self, w):
-        """Stored block [Cmb, E_s] -> [N, Cmb, E_o]."""
+        """Stored block [Cmb, E_s] (int8: + scales [E_s]) -> ([N * Cmb, E_o], scales [E_o] or None)."""
+        q, s = (w["q"], w["s"]) if is_quantized(w) else (w, None)
         if not (self.wg_e or self.wg_c):
-            return w[None]
-        nx, nc = self.m.size("".join(self.wg_e)), self.nblk
-        g = gather_blocks(w, self.wg_e + self.wg_c, 0).reshape(nx, nc, *w.shape)
-        return g.transpose(1, 2, 0, 3).reshape(nc, w.shape[0], nx * w.shape[1])
+            return q, s
+        nx, nc, Cmb = self.m.size("".join(self.wg_e)), self.nblk, q.shape[0]
+        if s is not None:
+            q = jnp.concatenate([q, lax.bitcast_convert_type(s, jnp.int8).T], axis=0)
+        g = gather_blocks(q, self.wg_e + self.wg_c, 0).reshape(nx, nc, *q.shape)
+        wq = g[:, :, :Cmb].transpose(1, 2, 0, 3).reshape(nc * Cmb, nx * q.shape[1])
+        if s is None:
+            return wq, None
+        return wq, lax.bitcast_convert_type(g[:, 0, Cmb:].transpose(0, 2, 1), jnp.float32).reshape(-1)
 
     # ---- one unit (parallel block, or the attention / FFN half of a serial block) ---------------
     def _div(self, post: bool) -> int:
@@ -117,8 +125,7 @@ class Body:
             groups = [("norm2", 0, nf), ("norm1", nf, sum(seg_pre))]
         else:
             groups = [("norm2" if u.name == "ffn" else "norm1", 0, sum(seg_pre))]
-        W = lw[f"{u.name}_in"]
-        Wg = self.gather_in(W["q"] if is_quantized(W) else W)
+        Wg, s_in = self.gather_in(lw[f"{u.name}_in"])
         Bl, L = x.shape[0], x.shape[1]
         M = Bl * L
 
@@ -141,8 +148,8 @@ class Body:
             return jnp.concatenate(outs, axis=-1)
 
         y = ag_matmul(x, self.ag, chunk_mm) if (self.cm and self.ag) else chunk_mm(xg, 0)
-        if is_quantized(W):
-            y = (y * self.pre_cols(W["s"], seg_2d)).astype(self.dt)
+        if s_in is not None:
+            y = (y * s_in).astype(self.dt)
         if self.layout.ffn == "ws2d" and self.ea:  # partial sums over x -> F_zyx (onto the hidden dim)
             y = lax.psum_scatter(self._split_x(y[:, 0], seg_pre), self.ea, scatter_dimension=1, tiled=False)[:, None]
         if f"{u.name}_bin" in lw:
@@ -170,13 +177,8 @@ class Body:
                 parts.append(gm[:, :, o:o + g].reshape(M, -1))
                 o += g
             mid = jnp.concatenate(parts, axis=-1)[:, None]
-        Wo = lw[f"{u.name}_out"]
-        Wog = self.gather_out(Wo["q"] if is_quantized(Wo) else Wo)
-        Wog = Wog.reshape(-1, Wog.shape[-1])
+        Wog, so = self.gather_out(lw[f"{u.name}_out"])
         mid = mid.reshape(M, -1)
-        so = None
-        if is_quantized(Wo):
-            so = local_slice(Wo["s"], self.ea, 0)
 
         def out_mm(c):
             Ec = self.E_r if (self.cm and self.ag) else Wog.shape[-1]
@@ -263,7 +265,7 @@ class Body:
         hit = (idx >= 0) & (idx < Vl)
         rows = jnp.take(q, jnp.clip(idx, 0, Vl - 1), axis=0).astype(self.dt)
         if is_quantized(table):
-            rows = rows * table["s"][tokens][..., None].astype(self.dt)
+            rows = rows * table["s"][jnp.clip(idx, 0, Vl - 1)][..., None].astype(self.dt)
         rows = jnp.where(hit[..., None], rows, 0)
         B, L = tokens.shape
         nb = m.size(p.batch_axes)
@@ -294,7 +296,7 @@ class Body:
             wq = (w["q"] if is_quantized(w) else w).T
         out = dot_rows(h, wq, jnp.float32)
         if is_quantized(w):
-            out = out * local_slice(w["s"], ("x", "y", "z"), 0)
+            out = out * w["s"]
         if "lm_head_bias" in params:
             out = out + params["lm_head_bias"]
         out = out.reshape(nb * Bl, Lo, -1)

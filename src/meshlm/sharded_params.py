@@ -13,7 +13,8 @@ Stored tree (Y = n_layers, C = columns of a fused input matrix, C_mid = rows of 
     u: "block" (parallel: FFN and attention fused), or "attn" and "ffn" (serial).
 C is ordered block by block: block j (j = z*Y + y, the device's C_zy block) holds its slice of
 every segment [gate|up or in][q][k][v] in turn; in 1D storage each block is further split over x
-the same way. int8: {"q": int8, "s": f32 per output column, replicated, in the 2D column order}.
+the same way. int8: {"q": int8, "s": f32 per output column}, the scales split like their columns (C_zy / E_x /
+V_xyz); weight-gathered layouts gather them inside the weight's one all-gather (4 extra int8 rows).
 """
 
 from __future__ import annotations
@@ -127,8 +128,11 @@ def stored_specs(geo: Geometry, storage: str, int8: bool, tree) -> dict:
     w_in = P(None, None, ZYX) if storage == "1d" else P(None, "x", ZY)
     w_out = P(None, ZYX, None) if storage == "1d" else P(None, ZY, "x")
 
-    def mat(spec, leaf):
-        return {"q": spec, "s": P()} if isinstance(leaf, dict) else spec
+    s_in = P(None, ZYX) if storage == "1d" else P(None, ZY)  # scales split like their columns
+    s_out = P() if storage == "1d" else P(None, "x")
+
+    def mat(spec, leaf, s_spec=P(XYZ)):
+        return {"q": spec, "s": s_spec} if isinstance(leaf, dict) else spec
 
     specs = {"final_norm": {k: P() for k in tree["final_norm"]}, "layers": {}}
     specs["embed"] = mat(P(XYZ, None), tree["embed"])
@@ -140,9 +144,9 @@ def stored_specs(geo: Geometry, storage: str, int8: bool, tree) -> dict:
         if k.startswith("norm"):
             specs["layers"][k] = {kk: P() for kk in v}
         elif k.endswith("_in"):
-            specs["layers"][k] = mat(w_in, v)
+            specs["layers"][k] = mat(w_in, v, s_in)
         elif k.endswith("_out"):
-            specs["layers"][k] = mat(w_out, v)
+            specs["layers"][k] = mat(w_out, v, s_out)
         else:
             specs["layers"][k] = P()
     return specs
@@ -175,7 +179,7 @@ def build_stored(params, geo: Geometry, weights: str, storage: str) -> dict:
         if int8:
             qs = [_quantize_cols(w) for w in mats]  # per layer and output column: s [Y, g]
             layers[f"{u.name}_in"] = {"q": fuse([q for q, _ in qs], YZ, sub, 2),
-                                      "s": fuse([s for _, s in qs], YZ, 1, 1)}
+                                      "s": fuse([s for _, s in qs], YZ, sub, 1)}
         else:
             layers[f"{u.name}_in"] = cast(fuse(mats, YZ, sub, 2))
         biases = [segs[s][1] for s in names]
@@ -184,8 +188,8 @@ def build_stored(params, geo: Geometry, weights: str, storage: str) -> dict:
             layers[f"{u.name}_bin"] = fuse(biases, YZ, 1, 1)
         outs = fuse([segs[s] for s, _ in u.mid_segs], YZ, sub, 1)
         if int8:
-            q, s = _quantize_cols(np.swapaxes(outs, 1, 2))  # per output column E
-            layers[f"{u.name}_out"] = {"q": np.swapaxes(q, 1, 2), "s": s}
+            q, s = _quantize_cols(outs)  # one scale per output column E, shared by all row segments
+            layers[f"{u.name}_out"] = {"q": q, "s": s}
         else:
             layers[f"{u.name}_out"] = cast(outs)
         bout = []
