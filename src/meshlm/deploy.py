@@ -16,7 +16,6 @@ the vendor spec for known GPUs/TPUs, else `generic_cpu_spec` (documented numbers
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
@@ -153,10 +152,7 @@ def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshSh
     params = sm.shard_params(loaded.params, weights=weights, storage=storage)
     loaded.params = params  # the host copy is dropped: devices hold their shards only
     dec, pre = ShardedBackend(sm, lay["decode"], params), ShardedBackend(sm, lay["prefill"], params)
-    mult = math.lcm(dec.batch_multiple, pre.batch_multiple)
-    slots = -(-slots // dec.batch_multiple) * dec.batch_multiple
-    eng = Engine(dec, params, slots=slots, max_len=max_len, prefill_backend=pre, eos_ids=loaded.tokenizer.eos_ids,
-                 prefill_batch_multiple=mult)
+    eng = Engine(dec, params, slots=slots, max_len=max_len, prefill_backend=pre, eos_ids=loaded.tokenizer.eos_ids)
     return Deployment(loaded, chip, lay, est, eng, TextGenerator(eng, loaded.tokenizer))
 
 

@@ -15,6 +15,7 @@ multi-byte UTF-8 character) and applies stop strings.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -83,14 +84,17 @@ class Engine:
     """prefill / insert / generate over `slots` decode slots of `max_len` positions each."""
 
     def __init__(self, backend: Backend, params, *, slots: int = 4, max_len: int = 512,
-                 prefill_backend: Backend | None = None, eos_ids: Sequence[int] = (),
-                 prefill_batch_multiple: int = 1):
+                 prefill_backend: Backend | None = None, eos_ids: Sequence[int] = ()):
         self.backend, self.params = backend, params
         self.prefill_backend = prefill_backend or backend  # prefill may run another layout
         self.cfg = backend.cfg
-        self.slots, self.max_len = slots, min(max_len, self.cfg.max_seq_len)
+        # batch sizes each layout can split (sharded backends say; 1 for the reference): slots are
+        # rounded up for decode, prefill batches for both (its cache is converted for decode)
+        dec_m, pre_m = (getattr(b, "batch_multiple", 1) for b in (backend, self.prefill_backend))
+        self.prefill_batch_multiple = math.lcm(dec_m, pre_m)
+        self.slots, self.max_len = -(-slots // dec_m) * dec_m, min(max_len, self.cfg.max_seq_len)
+        slots = self.slots
         self.eos_ids = tuple(eos_ids)
-        self.prefill_batch_multiple = prefill_batch_multiple  # the layouts' batch divisibility
         self.cache = backend.init_cache(slots, self.max_len)  # preallocated once, donated every step
         self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(3,))
         shardings = jax.tree.map(lambda a: a.sharding, self.cache)  # insert keeps decode's layout
