@@ -20,7 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-layout", metavar="FFN/ATTN", help="force the decode layout, e.g. ws2d/batch")
     p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load time")
     p.add_argument("--max-tokens", type=positive_int, default=64, help="maximum new tokens (default 64)")
-    p.add_argument("--max-len", type=positive_int, default=1024, help="context length of a slot (default 1024)")
+    p.add_argument("--max-len", type=positive_int, default=512, help="context length of a slot (default 512)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
