@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     expected = reference_results(cfg, int8_as_f32(params, cfg) if args.weights == "int8" else params, w)
     sm = ShardedModel(cfg, mesh, devices)
     simulated = devices[0].platform == "cpu"
-    print(f"{cfg.name} on {mesh} ({devices[0].platform}{', SIMULATED devices: correctness and bytes only, not '
-                                                         'communication speed' if simulated else ''})")
+    note = ", SIMULATED devices: correctness and bytes only, not communication speed" if simulated else ""
+    print(f"{cfg.name} on {mesh} ({devices[0].platform}{note})")
     print(f"{'ffn':7} {'attn':6} {'phase':8} {'compile s':>9} {'step ms':>9} {'max err':>8} {'bytes':>5}")
     rows = []
     for ffn in FFN_LAYOUTS:
