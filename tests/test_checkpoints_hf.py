@@ -132,3 +132,25 @@ def test_pickle_is_refused(tmp_path):
     p.write_bytes(b"\x80\x04")
     with pytest.raises(MeshlmError, match="pickle"):
         load_model(p)
+
+
+def test_sharded_placer_gives_each_device_only_its_slice(llama_dir):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from meshlm.checkpoints import sharded_placer
+    from meshlm.layouts import MeshShape
+    from meshlm.mesh import make_mesh
+
+    mesh = make_mesh(MeshShape(2, 2, 2))
+    ref = _flat(load_model(llama_dir, progress=False).params)
+
+    def spec(path):  # split the last axis over all 8 devices where it divides, else replicate
+        return P(*([None] * (len(ref[path].shape) - 1)), ("x", "y", "z")) if ref[path].shape[-1] % 8 == 0 else P()
+    m = load_model(llama_dir, placer_for=lambda cfg: sharded_placer({p: NamedSharding(mesh, spec(p)) for p in ref}),
+                   progress=False)
+    wq = m.params["layers"]["wq"]  # [Y, E, H, D] = [2, 64, 8, 8]
+    assert {s.data.shape for s in wq.addressable_shards} == {(2, 64, 8, 1)}
+    assert len(wq.addressable_shards) == len(jax.devices()[:8])
+    for path, a in _flat(m.params).items():
+        np.testing.assert_array_equal(a, ref[path])

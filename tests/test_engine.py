@@ -134,3 +134,10 @@ def test_text_generator_streams_what_complete_returns(params, tok):
     stop = c.text[3:6]
     [s] = tg.complete(["The capital of France is"], SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,)))
     assert s.text == c.text[:c.text.index(stop)] and s.finish_reason == "stop"
+
+
+def test_cache_is_preallocated_and_donated(engine):
+    engine.generate_ids([PROMPTS[0]], GREEDY)
+    old = engine.cache["k"]
+    engine.generate()
+    assert old.is_deleted() and engine.cache["k"].shape == old.shape  # updated in place, not copied
