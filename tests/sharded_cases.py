@@ -46,7 +46,7 @@ def check_layout(sm, params_by_storage, layout: Layout, batch=B, tol=TOL, act_by
     """Run prefill then decode of `layout`; return a list of failure messages (empty: all good).
 
     Checks: logits and cache equal the reference (run on `params`, default the model's random
-    params); HLO bytes per collective kind equal comm's, exactly."""
+    params); HLO bytes and number of collectives per kind equal comm's, exactly."""
     cfg = sm.cfg
     w = workload(cfg, batch)
     expected = _expected(cfg, batch) if params is None else reference_results(cfg, params, w)
@@ -55,6 +55,8 @@ def check_layout(sm, params_by_storage, layout: Layout, batch=B, tol=TOL, act_by
     for r in run_layout(sm, stored, layout, w, expected, act_bytes=act_bytes):
         if not r.bytes_match:
             errs.append(f"{layout} {r.phase}: HLO bytes {r.measured_bytes} != predicted {r.predicted_bytes}")
+        if not r.counts_match:
+            errs.append(f"{layout} {r.phase}: HLO collectives {r.measured_counts} != predicted {r.predicted_counts}")
         if not (r.max_abs_error <= tol and r.cache_error <= tol):
             errs.append(f"{layout} {r.phase}: max abs error logits {r.max_abs_error:.2e}, cache {r.cache_error:.2e}")
     return errs

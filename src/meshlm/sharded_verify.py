@@ -60,11 +60,16 @@ class PhaseResult:
     compile_s: float
     step_s: float | None = None
     kv_cache_bytes_per_device: int = 0
-    extra: dict = field(default_factory=dict)
+    predicted_counts: dict = field(default_factory=dict)  # collectives executed per kind
+    measured_counts: dict = field(default_factory=dict)
 
     @property
     def bytes_match(self) -> bool:
         return self.predicted_bytes == self.measured_bytes
+
+    @property
+    def counts_match(self) -> bool:
+        return self.predicted_counts == self.measured_counts
 
 
 def _pad(a, n):
@@ -86,9 +91,11 @@ def run_layout(sm, stored, layout: Layout, w: Workload, expected: Expected, act_
         t0 = time.perf_counter()
         compiled = sm.lowered(layout, phase, stored, *args, cache, all_logits=True).compile()
         compile_s = time.perf_counter() - t0
-        measured = hlo.totals(compiled.as_text())
-        predicted = comm.totals(comm.forward_collectives(cfg, layout, phase, B, L if phase == "prefill" else 1,
-                                                         w.cache_len, act_bytes=act_bytes, all_logits=True))
+        ops = hlo.parse(compiled.as_text())
+        inventory = comm.forward_collectives(cfg, layout, phase, B, L if phase == "prefill" else 1, w.cache_len,
+                                             act_bytes=act_bytes, all_logits=True)
+        measured, predicted = hlo.totals(ops), comm.totals(inventory)
+        counts = {k: sum(c.count for c in inventory if c.kind == k) for k in comm.COLLECTIVE_KINDS}
         kv_bytes = sm.bytes_per_device(cache)
         logits, cache = compiled(stored, *args, cache)
         logits = np.asarray(logits)[:B]
@@ -109,5 +116,6 @@ def run_layout(sm, stored, layout: Layout, w: Workload, expected: Expected, act_
                 jax.block_until_ready(logits)
                 times.append(time.perf_counter() - t0)
             step = float(np.median(times))
-        out.append(PhaseResult(phase, err, cerr, predicted, measured, compile_s, step, kv_bytes))
+        out.append(PhaseResult(phase, err, cerr, predicted, measured, compile_s, step, kv_bytes, counts,
+                               hlo.counts(ops)))
     return out
