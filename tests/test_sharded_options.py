@@ -153,6 +153,19 @@ def test_public_api_prefill_heads_then_convert_and_decode_batch():
     assert max(np.max(np.abs(got[n] - rc2[n])) for n in "kv") < 1e-4
 
 
+@pytest.mark.parametrize("layout", ["ws2d/heads", "wg-xyz/batch"])
+def test_decode_from_a_reference_cache(layout):
+    """cache_from_reference pads batch and KV heads and lays the cache out for the layout."""
+    sm = ShardedModel(QWEN_9_3, M222)
+    params, _, rc1, rdl, rc2 = reference_run(QWEN_9_3)
+    _, lengths, dtok = inputs(QWEN_9_3)
+    lay = Layout(*layout.split("/"), "f32", M222)
+    logits, cache = sm.decode(lay, sm.shard_params(params, "f32", "2d"), sm.cache_from_reference(rc1, lay), dtok, lengths)
+    assert np.max(np.abs(np.asarray(logits) - rdl)) < 1e-4
+    got = sm.cache_to_reference(cache, B)
+    assert max(np.max(np.abs(got[n] - rc2[n])) for n in "kv") < 1e-4
+
+
 def test_errors_are_one_line_meshlm_errors():
     cfg = preset("tiny-llama")
     sm = ShardedModel(cfg, M222)

@@ -132,8 +132,7 @@ class ShardedModel:
         dst = self.cache_heads(to)
         sel = self.geo.kv_map(src)
         want = self.geo.kv_map(dst)
-        idx = np.array([int(np.where(sel == h)[0][0]) if h >= 0 else int(np.where(sel == -1)[0][0])
-                        if (sel == -1).any() else 0 for h in want])
+        idx = np.array([int(np.flatnonzero(sel == h)[0]) for h in want])  # padding maps to padding
         B = cache["k"].shape[1]
         if B % comm.batch_multiple(to):
             raise MeshlmError(f"cache batch {B} does not split for {to.short}")
