@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--collective-matmul", action="store_true")
+    ap.add_argument("--ffn", default=",".join(("ws1d", "ws2d", "wg-x", "wg-xy", "wg-xyz")))
+    ap.add_argument("--attention", default="heads,batch")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "layouts.json"))
     args = ap.parse_args(argv)
 
@@ -57,9 +59,9 @@ def main(argv=None) -> int:
     print(f"{cfg.name} on {mesh} ({devices[0].platform}{note})")
     print(f"{'ffn':7} {'attn':6} {'phase':8} {'compile s':>9} {'step ms':>9} {'max err':>8} {'bytes':>5}")
     rows = []
-    for ffn in FFN_LAYOUTS:
+    for ffn in [f for f in args.ffn.split(",") if f in FFN_LAYOUTS]:
         stored = sm.shard_params(params, args.weights, "1d" if ffn == "ws1d" else "2d")
-        for attn in ATTN_LAYOUTS:
+        for attn in [a for a in args.attention.split(",") if a in ATTN_LAYOUTS]:
             lay = Layout(ffn, attn, args.weights, mesh, collective_matmul=args.collective_matmul)
             for r in run_layout(sm, stored, lay, w, expected, timing_repeats=args.repeats):
                 rows.append({"ffn": ffn, "attention": attn, "phase": r.phase, "compile_s": r.compile_s,

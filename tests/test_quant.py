@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from meshlm.quant import dequantize, dot_rows, quantize
+from meshlm.quant import dequantize, dot_rows, quantize, row_block
 
 
 def test_quantize_roundtrip_within_half_a_step():
@@ -22,3 +22,12 @@ def test_blocked_int8_dot_equals_dequantized_dot():
     np.testing.assert_allclose(got, x @ q.astype(np.float32), rtol=1e-5, atol=1e-3)
     small = np.asarray(dot_rows(jnp.asarray(x[:, :100]), jnp.asarray(q[:100]), jnp.float32))
     np.testing.assert_allclose(small, x[:, :100] @ q[:100].astype(np.float32), rtol=1e-5, atol=1e-3)
+
+
+def test_row_block_choice():
+    assert row_block(512) == 256 and row_block(288) == 144 and row_block(200) is None and row_block(257) is None
+    rng = np.random.default_rng(2)
+    q = rng.integers(-127, 128, size=(288, 8), dtype=np.int8)
+    x = rng.normal(size=(3, 288)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(dot_rows(jnp.asarray(x), jnp.asarray(q), jnp.float32)),
+                               x @ q.astype(np.float32), rtol=1e-5, atol=1e-3)

@@ -38,18 +38,30 @@ def is_quantized(w) -> bool:
     return isinstance(w, dict) and "q" in w
 
 
+def row_block(R: int) -> int | None:
+    """Rows per dequantisation block: ROW_BLOCK, or the largest divisor of R in [ROW_BLOCK/2,
+    ROW_BLOCK] (e.g. 144 for a 288-row shard); None when R is small or has no such divisor."""
+    if R <= ROW_BLOCK:
+        return None
+    for b in range(ROW_BLOCK, ROW_BLOCK // 2 - 1, -1):
+        if R % b == 0:
+            return b
+    return None
+
+
 def dot_rows(x, w, dtype):
     """x [M, R] @ w [R, C] with w int8 (unscaled) or float; result in `dtype` (f32 accumulate).
 
-    int8: per-block dequantization in a scan when R splits into ROW_BLOCK rows (CPU fast path)."""
+    int8: per-block dequantization in a scan when R splits into blocks (CPU fast path)."""
     if w.dtype != jnp.int8:
         return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
     R = w.shape[0]
-    if R <= ROW_BLOCK or R % ROW_BLOCK:
+    blk = row_block(R)
+    if blk is None:
         return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)).astype(dtype)
-    nb = R // ROW_BLOCK
-    xb = x.astype(jnp.float32).reshape(x.shape[0], nb, ROW_BLOCK).transpose(1, 0, 2)
-    wb = w.reshape(nb, ROW_BLOCK, w.shape[1])
+    nb = R // blk
+    xb = x.astype(jnp.float32).reshape(x.shape[0], nb, blk).transpose(1, 0, 2)
+    wb = w.reshape(nb, blk, w.shape[1])
 
     def step(acc, xw):
         xi, wi = xw
