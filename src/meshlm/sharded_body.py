@@ -32,6 +32,7 @@ class Body:
         m, p = layout.mesh, layout.plan
         self.geo, self.cfg, self.layout, self.m = geo, geo.cfg, layout, m
         self.phase, self.all_logits, self.dt = phase, all_logits, act_dtype
+        self.attend_phase = self.attend_prefill if phase == "prefill" else self.attend_decode
 
         def live(axes):
             return tuple(a for a in axes if m.size(a) > 1)
@@ -198,61 +199,68 @@ class Body:
 
     # ---- attention --------------------------------------------------------------------------
     def attention(self, q, k, v, cache, rows):
-        """q [Bl, L, Hl, D], k, v [Bl, L, Kl, D] in the projection layout -> (o [Bl, L, Hl, D], cache)."""
+        """q [Bl, L, Hl, D], k, v [Bl, L, Kl, D] in the projection layout -> (o [Bl, L, Hl, D], cache).
+
+        Batch layout: one all-to-all to B_xyz (heads whole) and one back (Fig. 5b); heads layout
+        attends in place. The phase's own function (prefill / decode) does the rest."""
         g = self.geo
         batch = self.layout.attention == "batch"
         ha = self.proj_ha if batch else ()
-        Bl, L, Hl, D = q.shape
+        L, Hl, D = q.shape[1], q.shape[2], q.shape[3]
         Kl = k.shape[2]
         if ha:
-            sizes = [self.m.size(a) for a in ha]
             srt = _sorted(ha)
-            perm = [ha.index(a) for a in srt]
             t = all_to_all(jnp.concatenate([q, k, v], axis=2), srt, 0, 2)  # [b, L, k*(Hl+2Kl), D]
             b = t.shape[0]
             t = t.reshape(b, L, *[self.m.size(a) for a in srt], Hl + 2 * Kl, D)
-            inv = [srt.index(a) for a in ha]
-            t = t.transpose(0, 1, *[2 + i for i in inv], *range(2 + len(srt), t.ndim))
+            # received in device (x, y, z) order; heads are ordered by the projection's axes
+            t = t.transpose(0, 1, *[2 + srt.index(a) for a in ha], *range(2 + len(srt), t.ndim))
             t = t.reshape(b, L, -1, Hl + 2 * Kl, D)
             q = t[:, :, :, :Hl].reshape(b, L, -1, D)
             k = t[:, :, :, Hl:Hl + Kl].reshape(b, L, -1, D)
             v = t[:, :, :, Hl + Kl:].reshape(b, L, -1, D)
-        if batch:
+        if batch:  # keep one copy of each KV head out of the replicated slots
             r = g.Kx // g.Ks
             k, v = k[:, :, ::r], v[:, :, ::r]
-        b = q.shape[0]
-        cfg = self.cfg
-        ck, cv = cache
-        lens_or_pos = local_slice(rows, self.att_ba, 0)
-        if self.phase == "prefill":
-            pos = jnp.broadcast_to(jnp.arange(L)[None], (b, L))
-            q = rotary(q, pos, cfg.rot_dim, cfg.rope_theta, cfg.rope_style)
-            k = rotary(k, pos, cfg.rot_dim, cfg.rope_theta, cfg.rope_style)
-            valid = pos < lens_or_pos[:, None]
-            ck = lax.dynamic_update_slice_in_dim(
-                ck, jnp.where(valid[:, :, None, None], k.astype(ck.dtype), ck[:, :L]), 0, axis=1)
-            cv = lax.dynamic_update_slice_in_dim(
-                cv, jnp.where(valid[:, :, None, None], v.astype(cv.dtype), cv[:, :L]), 0, axis=1)
-            key = jnp.arange(L)[None, None, :]
-            mask = (key <= pos[:, :, None]) & (key < lens_or_pos[:, None, None])
-            kk, vv = k, v
-        else:
-            pos = lens_or_pos[:, None]
-            q = rotary(q, pos, cfg.rot_dim, cfg.rope_theta, cfg.rope_style)
-            k = rotary(k, pos, cfg.rot_dim, cfg.rope_theta, cfg.rope_style)
-            bi = jnp.arange(b)
-            ck = ck.at[bi, lens_or_pos].set(k[:, 0].astype(ck.dtype), mode="drop")
-            cv = cv.at[bi, lens_or_pos].set(v[:, 0].astype(cv.dtype), mode="drop")
-            mask = jnp.arange(ck.shape[1])[None, None, :] <= pos[:, :, None]
-            kk, vv = ck, cv
-        Kc = kk.shape[2]
-        o = attend(q.reshape(b, L, Kc, -1, D), kk.astype(q.dtype), vv.astype(q.dtype), mask)
-        o = o.reshape(b, L, -1, D)
+        o, cache = self.attend_phase(q, k, v, cache, local_slice(rows, self.att_ba, 0))
         if ha:
-            o = o.reshape(b, L, *sizes, Hl, D)
-            o = o.transpose(0, 1, *[2 + i for i in perm], *range(2 + len(ha), o.ndim)).reshape(b, L, -1, D)
+            b = o.shape[0]
+            o = o.reshape(b, L, *[self.m.size(a) for a in ha], Hl, D)
+            o = o.transpose(0, 1, *[2 + ha.index(a) for a in srt], *range(2 + len(ha), o.ndim)).reshape(b, L, -1, D)
             o = all_to_all(o, srt, 2, 0)
-        return o, (ck, cv)
+        return o, cache
+
+    def _rope(self, x, pos):
+        c = self.cfg
+        return rotary(x, pos, c.rot_dim, c.rope_theta, c.rope_style)
+
+    def attend_prefill(self, q, k, v, cache, lengths):
+        """Prompts at positions 0..L-1 attend among themselves; K/V of positions < length are
+        written to the cache."""
+        b, L = q.shape[0], q.shape[1]
+        ck, cv = cache
+        pos = jnp.broadcast_to(jnp.arange(L)[None], (b, L))
+        q, k = self._rope(q, pos), self._rope(k, pos)
+        valid = (pos < lengths[:, None])[:, :, None, None]
+        ck = lax.dynamic_update_slice_in_dim(ck, jnp.where(valid, k.astype(ck.dtype), ck[:, :L]), 0, axis=1)
+        cv = lax.dynamic_update_slice_in_dim(cv, jnp.where(valid, v.astype(cv.dtype), cv[:, :L]), 0, axis=1)
+        key = jnp.arange(L)[None, None, :]
+        mask = (key <= pos[:, :, None]) & (key < lengths[:, None, None])
+        o = attend(q.reshape(b, L, k.shape[2], -1, q.shape[3]), k, v, mask)
+        return o.reshape(q.shape), (ck, cv)
+
+    def attend_decode(self, q, k, v, cache, positions):
+        """One token per sequence at positions[b]: written to the cache, attends to positions <= it."""
+        b = q.shape[0]
+        ck, cv = cache
+        pos = positions[:, None]
+        q, k = self._rope(q, pos), self._rope(k, pos)
+        bi = jnp.arange(b)
+        ck = ck.at[bi, positions].set(k[:, 0].astype(ck.dtype), mode="drop")
+        cv = cv.at[bi, positions].set(v[:, 0].astype(cv.dtype), mode="drop")
+        mask = jnp.arange(ck.shape[1])[None, None, :] <= pos[:, :, None]
+        o = attend(q.reshape(b, 1, ck.shape[2], -1, q.shape[3]), ck.astype(q.dtype), cv.astype(q.dtype), mask)
+        return o.reshape(q.shape), (ck, cv)
 
     # ---- embedding, layers, logits ------------------------------------------------------------
     def embed(self, tokens, table):
