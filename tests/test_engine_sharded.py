@@ -7,7 +7,7 @@ each layout to the reference (tests of meshlm.sharded) this covers every combina
 
 import pytest
 
-from hf_models import make_hf_model
+from hf_models import ARCHS, make_hf_model
 from meshlm.checkpoints import load_model
 from meshlm.deploy import ShardedBackend
 from meshlm.engine import Engine, ReferenceBackend
@@ -49,3 +49,16 @@ def test_layout_pair_gives_reference_greedy_tokens(setup, prefill, decode):
     pre, dec = ShardedBackend(sm, _layout(prefill), p), ShardedBackend(sm, _layout(decode), p)
     eng = Engine(dec, p, slots=1, max_len=32, prefill_backend=pre)  # slots rounded up to the layout's multiple
     assert eng.generate_ids(PROMPTS, SP) == want
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "llama"])
+def test_every_architecture_on_8_devices(tmp_path, arch):
+    """MQA, grouped QKV, parallel blocks, biases, partial and interleaved rotary through one mixed pair."""
+    make_hf_model(arch, tmp_path)
+    host = load_model(tmp_path, placer_for=lambda cfg: (lambda path, a: a), progress=False)
+    ref = load_model(tmp_path, progress=False)
+    want = Engine(ReferenceBackend(ref.cfg), ref.params, slots=4, max_len=32).generate_ids(PROMPTS, SP)
+    sm = ShardedModel(host.cfg, MESH)
+    p = sm.shard_params(host.params)
+    pre, dec = ShardedBackend(sm, _layout("wg-xyz/heads"), p), ShardedBackend(sm, _layout("ws2d/batch"), p)
+    assert Engine(dec, p, slots=1, max_len=32, prefill_backend=pre).generate_ids(PROMPTS, SP) == want
