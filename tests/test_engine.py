@@ -141,3 +141,9 @@ def test_cache_is_preallocated_and_donated(engine):
     old = engine.cache["k"]
     engine.generate()
     assert old.is_deleted() and engine.cache["k"].shape == old.shape  # updated in place, not copied
+
+
+def test_one_token_comes_from_prefill_alone(engine, params):
+    got = engine.generate_ids(PROMPTS[:3], SamplingParams(max_tokens=1, ignore_eos=True))
+    assert got == [rollout(params, p, 1) for p in PROMPTS[:3]]
+    assert engine.stats.decode_steps == 0  # finished at prefill: never inserted, no decode step
