@@ -154,3 +154,11 @@ def test_sharded_placer_gives_each_device_only_its_slice(llama_dir):
     assert len(wq.addressable_shards) == len(jax.devices()[:8])
     for path, a in _flat(m.params).items():
         np.testing.assert_array_equal(a, ref[path])
+
+
+def test_eos_ids_from_tokenizer_config_and_generation_config(tmp_path, llama_dir):
+    d = _copy(llama_dir, tmp_path / "eos")
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 100000]}))
+    tok = load_model(d, progress=False).tokenizer
+    assert tok.eos_ids == (2, 7)  # <|im_end|> from tokenizer_config.json, 7 added, out-of-vocab dropped
+    assert tok.bos_id == 1 and tok.chat_template
