@@ -80,11 +80,13 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_gguf(model: tf.PreTrainedModel, tok: tokenizers.Tokenizer, path: Path, quant: str = "F32") -> None:
-    """Write an HF Llama model as llama.cpp would: GGUF names, permuted Q/K, BPE tokenizer, chat template."""
+    """Write an HF Llama (or Qwen2) model as llama.cpp would: GGUF names, Q/K rows permuted for
+    llama (not qwen2), BPE tokenizer, chat template."""
     import gguf
     c = model.config
     H, K = c.num_attention_heads, c.num_key_value_heads
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = "qwen2" if c.model_type == "qwen2" else "llama"
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -110,6 +112,8 @@ def write_gguf(model: tf.PreTrainedModel, tok: tokenizers.Tokenizer, path: Path,
     per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
                  "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
                  "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                 "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                 "self_attn.v_proj.bias": "attn_v.bias",
                  "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
                  "mlp.down_proj.weight": "ffn_down.weight"}
     for name, p in model.state_dict().items():
@@ -117,11 +121,13 @@ def write_gguf(model: tf.PreTrainedModel, tok: tokenizers.Tokenizer, path: Path,
         if name.startswith("model.layers."):
             i, rest = name[len("model.layers."):].split(".", 1)
             gname = f"blk.{i}.{per_layer[rest]}"
-            if rest.startswith("self_attn.q_proj"):
+            if arch == "llama" and rest.startswith("self_attn.q_proj"):
                 a = llama_cpp_permute(a, H)
-            elif rest.startswith("self_attn.k_proj"):
+            elif arch == "llama" and rest.startswith("self_attn.k_proj"):
                 a = llama_cpp_permute(a, K)
         else:
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue  # tied: the checkpoint has no separate output matrix
             gname = names[name]
         if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)

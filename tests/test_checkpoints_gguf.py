@@ -82,3 +82,16 @@ def test_unsupported_gguf_architecture(tmp_path):
     w.close()
     with pytest.raises(MeshlmError, match="architecture 'bert' is not supported"):
         load_model(tmp_path / "m.gguf", progress=False)
+
+
+def test_qwen2_gguf_with_qkv_biases(tmp_path):
+    """llama.cpp writes Qwen2 as arch 'qwen2': QKV biases, Q/K rows NOT permuted, tied embeddings."""
+    hf = make_hf_model("qwen2", tmp_path / "hf")
+    write_gguf(hf, Tokenizer.from_hf_dir(tmp_path / "hf").tok, tmp_path / "q.gguf")
+    m = load_model(tmp_path / "q.gguf", progress=False)
+    assert m.cfg.qkv_bias and m.cfg.tie_embeddings
+    toks = np.random.RandomState(1).randint(3, 320, size=(1, 11))
+    with torch.no_grad():
+        want = hf(torch.tensor(toks)).logits.numpy()
+    got = np.asarray(reference.forward(m.params, m.cfg, jnp.asarray(toks, jnp.int32)))
+    assert np.abs(got - want).max() < 1e-4

@@ -18,7 +18,9 @@ from meshlm.checkpoints.assemble import Placer, Recipe, assemble
 from meshlm.config import ModelConfig
 from meshlm.errors import MeshlmError
 
-SUPPORTED_ARCHS = ("llama",)  # Llama 2/3, Mistral, SmolLM2 are all written as "llama" by llama.cpp
+# Llama 2/3, Mistral and SmolLM2 are all written as "llama" by llama.cpp (Q/K rows permuted);
+# "qwen2" adds QKV biases and keeps Hugging Face's row order.
+SUPPORTED_ARCHS = ("llama", "qwen2")
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -79,15 +81,18 @@ class GgufFile:
                 gated_mlp=True, activation="silu", norm="rmsnorm",
                 norm_eps=float(m.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
                 rope_theta=float(m.get(f"{arch}.rope.freq_base", 10000.0)), rope_style="half",
-                tie_embeddings="output.weight" not in self.tensors,
+                qkv_bias=arch == "qwen2", tie_embeddings="output.weight" not in self.tensors,
                 max_seq_len=int(m.get(f"{arch}.context_length", 2048)), extra={"model_type": f"gguf-{arch}"})
         except KeyError as e:
             raise MeshlmError(f"GGUF {self.path} lacks the metadata key {e.args[0]!r}") from None
 
 
-def _recipes(f: GgufFile, c: ModelConfig) -> dict[str, Recipe]:
+def _recipes(f: GgufFile, c: ModelConfig, permuted: bool) -> dict[str, Recipe]:
     E, F, H, K, D, V = c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.d_head, c.vocab
     b = "blk.{i}."
+
+    def rows(a: np.ndarray, n: int) -> np.ndarray:  # Q/K rows (weights or biases) in HF order
+        return unpermute_rope(a, n) if permuted else a
 
     def w(name: str, shape: tuple[int, int]) -> Recipe:
         return lambda i: f.get(name.format(i=i), shape).T
@@ -97,8 +102,11 @@ def _recipes(f: GgufFile, c: ModelConfig) -> dict[str, Recipe]:
         "final_norm/scale": lambda _: f.get("output_norm.weight", (E,)),
         "layers/attn_norm/scale": lambda i: f.get(f"blk.{i}.attn_norm.weight", (E,)),
         "layers/mlp_norm/scale": lambda i: f.get(f"blk.{i}.ffn_norm.weight", (E,)),
-        "layers/wq": lambda i: unpermute_rope(f.get(f"blk.{i}.attn_q.weight", (H * D, E)), H).T.reshape(E, H, D),
-        "layers/wk": lambda i: unpermute_rope(f.get(f"blk.{i}.attn_k.weight", (K * D, E)), K).T.reshape(E, K, D),
+        "layers/wq": lambda i: rows(f.get(f"blk.{i}.attn_q.weight", (H * D, E)), H).T.reshape(E, H, D),
+        "layers/wk": lambda i: rows(f.get(f"blk.{i}.attn_k.weight", (K * D, E)), K).T.reshape(E, K, D),
+        "layers/bq": lambda i: rows(f.get(f"blk.{i}.attn_q.bias", (H * D,)), H).reshape(H, D),
+        "layers/bk": lambda i: rows(f.get(f"blk.{i}.attn_k.bias", (K * D,)), K).reshape(K, D),
+        "layers/bv": lambda i: f.get(f"blk.{i}.attn_v.bias", (K * D,)).reshape(K, D),
         "layers/wv": lambda i: f.get(f"blk.{i}.attn_v.weight", (K * D, E)).T.reshape(E, K, D),
         "layers/wo": lambda i: f.get(f"blk.{i}.attn_output.weight", (E, H * D)).T.reshape(H, D, E),
         "layers/w_gate": w(b + "ffn_gate.weight", (F, E)),
@@ -112,5 +120,6 @@ def load_gguf(path: str | Path, place: Placer, *, progress: bool = True,
     """(cfg, params, the open file: its `meta` feeds `Tokenizer.from_gguf`)."""
     f = file or GgufFile(Path(path))
     cfg = f.config()
-    params = assemble(cfg, _recipes(f, cfg), place, source=str(path), progress=progress)
+    permuted = f.meta.get("general.architecture") == "llama"
+    params = assemble(cfg, _recipes(f, cfg, permuted), place, source=str(path), progress=progress)
     return cfg, params, f
