@@ -95,3 +95,21 @@ def test_qwen2_gguf_with_qkv_biases(tmp_path):
         want = hf(torch.tensor(toks)).logits.numpy()
     got = np.asarray(reference.forward(m.params, m.cfg, jnp.asarray(toks, jnp.int32)))
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_sentencepiece_vocabulary_from_gguf_metadata():
+    """llama.cpp's 'llama' tokenizer (Llama 2, Mistral v0.1): pieces ranked by score, '▁' spaces,
+    byte fallback for characters outside the vocabulary, BOS added."""
+    pieces = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "\u2581hello", "\u2581w", "or",
+              "\u2581wor", "\u2581world", "ld", "\u2581he"]
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": toks,
+            "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * len(pieces),
+            # "▁he" has the best score and merges first; ("▁he", "llo") must still reach "▁hello"
+            "tokenizer.ggml.scores": [0.0] * 259 + [-50.0 if p == "\u2581he" else -float(100 - len(p)) for p in pieces],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    t = Tokenizer.from_gguf(meta)
+    ids = t.encode("hello world 東")
+    assert [toks[i] for i in ids] == ["<s>", "\u2581hello", "\u2581world", "\u2581", "<0xE6>", "<0x9D>", "<0xB1>"]
+    assert t.decode(ids) == "hello world 東"
+    assert t.encode("hello</s>")[-1] == 2 and t.eos_ids == (2,)

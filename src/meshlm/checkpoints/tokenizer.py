@@ -16,7 +16,7 @@ from typing import Any
 import tokenizers
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from meshlm.errors import MeshlmError
 
@@ -109,26 +109,59 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, meta: dict[str, Any]) -> "Tokenizer":
         kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-        if kind != "gpt2":
-            raise MeshlmError(f"GGUF tokenizer type {kind!r} is not supported (only byte-level BPE, 'gpt2')")
-        if pre not in _GGUF_PRE:
-            raise MeshlmError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(_GGUF_PRE)}")
+        if "tokenizer.ggml.tokens" not in meta:
+            raise MeshlmError("the GGUF file has no tokenizer (tokenizer.ggml.tokens)")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        tok = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                              ignore_merges=pre == "llama-bpe"))
-        tok.pre_tokenizer = pre_tokenizers.Sequence(_GGUF_PRE[pre]())
-        tok.decoder = decoders.ByteLevel()
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if kind == "llama":
+            tok = _sentencepiece_bpe(meta, tokens, types)
+        elif kind == "gpt2":
+            if pre not in _GGUF_PRE:
+                raise MeshlmError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(_GGUF_PRE)}")
+            merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+            tok = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                                  ignore_merges=pre == "llama-bpe"))
+            tok.pre_tokenizer = pre_tokenizers.Sequence(_GGUF_PRE[pre]())
+            tok.decoder = decoders.ByteLevel()
+        else:
+            raise MeshlmError(f"GGUF tokenizer type {kind!r} is not supported (byte-level BPE 'gpt2' or "
+                              f"SentencePiece BPE 'llama')")
         # control (3) and user-defined (4) tokens are matched whole, before BPE; control ones are special
         tok.add_tokens([tokenizers.AddedToken(tokens[i], special=t == 3, normalized=False)
                         for i, t in enumerate(types) if t in (3, 4)])
         bos_id = meta.get("tokenizer.ggml.bos_token_id")
         eos_ids = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
         return cls(tok, bos_id=bos_id, eos_ids=eos_ids, chat_template=meta.get("tokenizer.chat_template"),
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
                    bos_token=tokens[bos_id] if bos_id is not None else "",
                    eos_token=tokens[eos_ids[0]] if eos_ids else "")
+
+
+def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
+    """llama.cpp's 'llama' vocabulary (SentencePiece BPE: pieces with scores, '▁' for spaces, byte
+    fallback) as a `tokenizers` BPE. Merges are every split of a normal piece into two pieces,
+    ranked by the merged piece's score, as transformers' SentencePiece converter derives them."""
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges: list[tuple[str, str, float]] = []
+    for t, i in vocab.items():
+        if types[i] != 1:
+            continue
+        local = [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+        local.sort(key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))
+        merges += [(a, b, scores[i]) for a, b in local]
+    merges.sort(key=lambda m: -m[2])  # stable: ties keep the order above
+    unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], unk_token=tokens[unk],
+                                          fuse_unk=True, byte_fallback=True))
+    norm = [normalizers.Replace(" ", "\u2581")]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        norm.insert(0, normalizers.Prepend("\u2581"))
+    tok.normalizer = normalizers.Sequence(norm)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if meta.get("tokenizer.ggml.add_space_prefix", True)
+                                       else []))
+    return tok
 
 
 def _raise(message: str):
