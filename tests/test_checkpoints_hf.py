@@ -162,3 +162,10 @@ def test_eos_ids_from_tokenizer_config_and_generation_config(tmp_path, llama_dir
     tok = load_model(d, progress=False).tokenizer
     assert tok.eos_ids == (2, 7)  # <|im_end|> from tokenizer_config.json, 7 added, out-of-vocab dropped
     assert tok.bos_id == 1 and tok.chat_template
+
+
+def test_sliding_window_caps_the_context(tmp_path):
+    make_hf_model("mistral", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"sliding_window": 48}))
+    assert load_model(tmp_path, progress=False).cfg.max_seq_len == 48

@@ -175,6 +175,10 @@ def load_hf(directory: str | Path, place: Placer, *, progress: bool = True) -> t
     if not d.is_dir():
         raise MeshlmError(f"checkpoint directory {d} does not exist")
     cfg, hf = read_config(d)
+    window = hf.get("sliding_window")
+    if window and (hf.get("model_type") == "mistral" or hf.get("use_sliding_window")):
+        # sliding-window attention equals full attention while the context fits in the window
+        cfg = cfg.replace(max_seq_len=min(cfg.max_seq_len, int(window)))
     r = _Reader(SafetensorsCheckpoint(d), cfg)
     params = assemble(cfg, _recipes(r, hf.get("model_type"), hf), place, source=str(d), progress=progress)
     return cfg, params
