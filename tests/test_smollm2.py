@@ -65,3 +65,17 @@ def test_chat_template_answer(host):
     text = "".join(tg.stream("What is the capital of France? Answer in one word.", SamplingParams(max_tokens=8),
                              chat=True))
     assert "Paris" in text
+
+
+def test_real_model_demo_rows(host, monkeypatch, capsys):
+    """`meshlm demo`'s real job: answers 'Paris', both runs' layouts per phase, predicted and measured."""
+    import meshlm.checkpoints as ck
+    from meshlm.cli.generate import real_model_demo
+
+    monkeypatch.setattr(ck, "load_model", lambda *a, **k: host)  # reuse the module's loaded model
+    rows = real_model_demo(8, max_tokens=8)
+    assert [(r["run"], r["phase"]) for r in rows] == [("planner's choice", "prefill"), ("planner's choice", "decode"),
+                                                      ("forced", "prefill"), ("forced", "decode")]
+    assert rows[2]["layout"] == "wg-xyz/heads" and rows[3]["layout"] == "ws2d/batch"
+    assert all("Paris" in r["answer"] and r["predicted_ms"] > 0 and r["measured_ms"] > 0 for r in rows)
+    assert "predicted vs measured" in capsys.readouterr().out

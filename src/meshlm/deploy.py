@@ -128,9 +128,10 @@ def choose_layouts(cfg: ModelConfig, chip: ChipSpec, n: int, mesh: MeshShape | N
 def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshShape | None = None,
            prefill: str | None = None, decode: str | None = None, quantize: str | None = None,
            slots: int = 1, max_len: int = 512, batch: int | None = None, input_len: int = 16,
-           gen_len: int = 32, progress: bool = True) -> Deployment:
+           gen_len: int = 32, progress: bool = True, host: LoadedModel | None = None) -> Deployment:
     """Load `model` onto the mesh and build its engine. batch/input_len/gen_len describe the
-    expected workload the planner prices (batch defaults to `slots`)."""
+    expected workload the planner prices (batch defaults to `slots`). `host`: a model already
+    loaded with host (numpy) leaves, reused instead of reading `model` again (kept intact)."""
     if quantize not in (None, "int8"):
         raise MeshlmError(f"--quantize supports only int8, got {quantize!r}")
     avail = len(jax.devices())
@@ -140,7 +141,8 @@ def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshSh
     if n > avail:
         raise MeshlmError(f"{n} devices requested, {avail} available (on a CPU-only host, --devices N simulates N)")
     # weights stay on the host until the layout (and so each leaf's sharding) is known
-    loaded = load_model(model, placer_for=lambda cfg: (lambda path, a: a), progress=progress)
+    src = host or load_model(model, placer_for=lambda cfg: (lambda path, a: a), progress=progress)
+    loaded = LoadedModel(src.cfg, src.params, src.tokenizer, src.source)
     cfg = loaded.cfg
     weights = quantize or ("f32" if jax.devices()[0].platform == "cpu" else "bf16")
     chip = local_chip(n)
@@ -150,7 +152,7 @@ def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshSh
     sm = ShardedModel(cfg, lay["decode"].mesh)
     storage = "1d" if lay["decode"].ffn == "ws1d" else "2d"
     params = sm.shard_params(loaded.params, weights=weights, storage=storage)
-    loaded.params = params  # the host copy is dropped: devices hold their shards only
+    loaded.params = params  # devices hold their shards only (the host copy is dropped unless `host` keeps it)
     dec, pre = ShardedBackend(sm, lay["decode"], params), ShardedBackend(sm, lay["prefill"], params)
     eng = Engine(dec, params, slots=slots, max_len=max_len, prefill_backend=pre, eos_ids=loaded.tokenizer.eos_ids)
     return Deployment(loaded, chip, lay, est, eng, TextGenerator(eng, loaded.tokenizer))

@@ -154,9 +154,11 @@ def real_model_demo(n_devices: int = 8, max_tokens: int = 24, console: Any = Non
     simulate_cpu_devices(n_devices)
     from rich.table import Table
 
+    from meshlm.checkpoints import load_model
     from meshlm.deploy import deploy, measured_vs_predicted
     from meshlm.sampling import SamplingParams
 
+    host = load_model("default", placer_for=lambda cfg: (lambda path, a: a))  # read once, placed per run
     if console is None:
         from meshlm.cli.plan import console as wide_console
         console = wide_console()
@@ -164,7 +166,7 @@ def real_model_demo(n_devices: int = 8, max_tokens: int = 24, console: Any = Non
     sp = SamplingParams(max_tokens=max_tokens)
     for prefill, decode in DEMO_RUNS:
         d = deploy("default", n_devices=n_devices, prefill=prefill, decode=decode, max_len=256,
-                   input_len=48, gen_len=max_tokens)
+                   input_len=48, gen_len=max_tokens, host=host)
         ids = d.text.encode(DEMO_PROMPT, chat=True)
         warmup(d, ids)
         how = "planner's choice" if prefill is None else "forced"
