@@ -15,7 +15,9 @@ from meshlm.errors import MeshlmError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="meshlm", description="Partitioned transformer inference after Pope et al. (2022): an analytical "
+                                   "planner for partitioning layouts and a JAX engine that runs them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         module = importlib.import_module(f"{__name__}.{mod}")
