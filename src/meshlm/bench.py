@@ -1,0 +1,234 @@
+"""Measured next to predicted (`meshlm bench`): for each configuration (layout pair, weight format,
+batch, input length) run the engine and time the prefill (time to first token) and every decode
+step, and put the cost model's prediction for exactly the shapes that ran beside it.
+
+    rows = run(load_host("default"), batches=[1, 4], input_lens=[128], gen_len=32)
+    print(table(rows)); plot(rows, "decode.png")
+
+Timing rules: every configuration is run once first (compiles the prefill bucket and the decode
+step; reported separately as `first_run_s`/`compile_s`), then timed. TTFT is the median over
+`repeats` prefills of the whole batch (the first token ids are on the host when the clock stops).
+Each decode step is timed alone (ids on the host) and reported as p50/p90/p99. MFU counts the
+unpadded model FLOPs (2 N per token, the paper's definition); MBU counts the bytes one decode
+step must read per device (stored weights, times the weight-gather group, plus the whole KV cache
+the step attends over) against the chip's memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshlm.errors import MeshlmError
+from meshlm.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Config:
+    pair: str  # "planner" or "PREFILL:DECODE" layouts (e.g. "wg-xyz/heads:ws2d/batch")
+    weights: str | None  # None: the platform default (f32 on CPU), or "int8"
+    batch: int
+    input_len: int
+    gen_len: int
+
+
+def load_host(model: str = "default", progress: bool = False):
+    """The checkpoint with host (numpy) leaves, reused by every configuration's deployment."""
+    from meshlm.checkpoints import load_model
+
+    return load_model(model, placer_for=lambda cfg: (lambda path, a: a), progress=progress)
+
+
+def prompts(batch: int, input_len: int, vocab: int) -> list[list[int]]:
+    """Deterministic, distinct prompts of exactly input_len ids (no special tokens below 100)."""
+    span = max(vocab - 200, 1)
+    return [[100 + (7 * i + 131 * b + 17) % span for i in range(input_len)] for b in range(batch)]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs, float), q)) if xs else 0.0
+
+
+def deploy_config(host, c: Config, n_devices: int | None = None, mesh=None):
+    from meshlm.deploy import deploy
+
+    pre, dec = (None, None) if c.pair == "planner" else _split_pair(c.pair)
+    return deploy(host.source, n_devices=n_devices, mesh=mesh, prefill=pre, decode=dec, quantize=c.weights,
+                  slots=c.batch, max_len=c.input_len + c.gen_len, batch=c.batch, input_len=c.input_len,
+                  gen_len=c.gen_len, progress=False, host=host)
+
+
+def _split_pair(pair: str) -> tuple[str, str]:
+    parts = pair.split(":")
+    if len(parts) != 2 or not all(parts):
+        raise MeshlmError(f"layout pair {pair!r}: expected 'planner' or PREFILL:DECODE, e.g. wg-xyz/heads:ws2d/batch")
+    return parts[0], parts[1]
+
+
+def _one_run(eng, ps: list[list[int]], gen_len: int) -> tuple[float, list[float]]:
+    """(prefill seconds, [seconds of each decode step]) of one whole batch; greedy, EOS ignored."""
+    sp = SamplingParams(max_tokens=gen_len + 1, ignore_eos=True)
+    t = time.perf_counter()
+    pre = eng.prefill(ps, [sp] * len(ps))  # first ids come back to the host: the prefill is done
+    ttft = time.perf_counter() - t
+    for i in range(len(ps)):
+        eng.insert(pre, i, i, sp)
+    steps = []
+    for _ in range(gen_len):
+        t = time.perf_counter()
+        eng.generate()  # returns host ids: the step is done
+        steps.append(time.perf_counter() - t)
+    return ttft, steps
+
+
+def measure(d, c: Config, repeats: int = 3) -> dict:
+    """Time one deployment on config c (see the module docstring)."""
+    eng = d.engine
+    if eng.slots < c.batch:
+        raise MeshlmError(f"engine has {eng.slots} slots, config needs {c.batch}")
+    ps = prompts(c.batch, c.input_len, d.model.cfg.vocab)
+    t = time.perf_counter()
+    first_ttft, first_steps = _one_run(eng, ps, min(2, c.gen_len))
+    first = time.perf_counter() - t
+    ttfts, steps = [], []
+    for r in range(repeats):
+        ttft, st = _one_run(eng, ps, c.gen_len if r == 0 else 0)
+        ttfts.append(ttft)
+        steps += st
+    ttft = statistics.median(ttfts)
+    p50 = percentile(steps, 50)
+    return {"ttft_s": ttft, "decode_p50_s": p50, "decode_p90_s": percentile(steps, 90),
+            "decode_p99_s": percentile(steps, 99), "decode_mean_s": statistics.fmean(steps),
+            "tokens_per_s": c.batch / p50, "first_run_s": first,
+            "compile_s": max(0.0, first_ttft - ttft) + max(0.0, first_steps[0] - p50),
+            "prefill_shape": list(eng.stats.prefill_shape)}
+
+
+def predict(d, c: Config) -> dict:
+    """The cost model for exactly what ran: prefill of the padded (B, L) bucket; decode steps of
+    every slot over the cache of max_len positions the step attends over."""
+    from meshlm.costmodel import estimate
+
+    cfg, eng = d.model.cfg, d.engine
+    B, L = eng.stats.prefill_shape
+    pre = estimate(cfg, d.chip, d.layouts["prefill"], "prefill", B, L, 1)
+    dec = estimate(cfg, d.chip, d.layouts["decode"], "decode", eng.slots, max(1, eng.max_len - c.gen_len), c.gen_len)
+    return {"ttft_s": pre.latency_s, "decode_s": dec.step_latency_s}
+
+
+def decode_bytes_per_device(d) -> float:
+    """Bytes one decode step reads on one device: the weights it multiplies (the stored shard
+    times the weight-gather group) and the whole KV cache it attends over."""
+    import jax
+
+    from meshlm.costmodel import weight_read_bytes
+
+    n = d.layouts["decode"].mesh.n
+    kv = sum(a.nbytes for a in jax.tree.leaves(d.engine.cache)) / n
+    return weight_read_bytes(d.model.cfg, d.layouts["decode"]) + kv
+
+
+def utilization(d, c: Config, m: dict) -> dict:
+    """MFU of prefill and decode, MBU of decode, against the deployment's chip spec."""
+    cfg, chip = d.model.cfg, d.chip
+    n = d.layouts["decode"].mesh.n
+    flops_tok = 2.0 * cfg.n_params_mfu
+    return {"prefill_mfu": flops_tok * c.batch * c.input_len / (m["ttft_s"] * n * chip.peak_flops),
+            "decode_mfu": flops_tok * c.batch / (m["decode_p50_s"] * n * chip.peak_flops),
+            "decode_mbu": decode_bytes_per_device(d) / (m["decode_p50_s"] * chip.hbm_bw)}
+
+
+def rel_err(measured: float, predicted: float) -> float:
+    return (measured - predicted) / predicted if predicted > 0 else float("inf")
+
+
+def configs(pairs: list[str], weights: list[str | None], batches: list[int], input_lens: list[int],
+            gen_len: int) -> list[Config]:
+    return [Config(p, w, b, L, gen_len) for p in pairs for w in weights for b in batches for L in input_lens]
+
+
+def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repeats: int = 3, log=None) -> list[dict]:
+    """Deploy and measure every config; one row per config (measured, predicted, errors, layouts)."""
+    rows = []
+    for c in cfgs:
+        d = deploy_config(host, c, n_devices, mesh)
+        m = measure(d, c, repeats)
+        p = predict(d, c)
+        lay = d.layouts
+        row = {"pair": c.pair, "prefill_layout": lay["prefill"].short, "decode_layout": lay["decode"].short,
+               "mesh": str(lay["decode"].mesh), "weights": lay["decode"].weights, "batch": c.batch,
+               "input_len": c.input_len, "gen_len": c.gen_len, "chip": d.chip.name, **m, **utilization(d, c, m),
+               "predicted_ttft_s": p["ttft_s"], "predicted_decode_s": p["decode_s"],
+               "ttft_rel_err": rel_err(m["ttft_s"], p["ttft_s"]),
+               "decode_rel_err": rel_err(m["decode_p50_s"], p["decode_s"])}
+        rows.append(row)
+        if log:
+            log(format_row(row))
+        del d
+    return rows
+
+
+HEADER = (f"{'layouts (prefill:decode)':34s} {'w':4s} {'B':>3s} {'L':>5s} | {'TTFT ms':>9s} {'pred':>9s} {'err':>6s} "
+          f"| {'decode ms p50/p90/p99':>22s} {'pred':>7s} {'err':>6s} | {'tok/s':>7s} {'MFU pre':>7s} {'MBU dec':>7s} "
+          f"| {'compile s':>9s}")
+
+
+def format_row(r: dict) -> str:
+    lay = f"{r['prefill_layout']}:{r['decode_layout']}@{r['mesh']}"
+    ms = 1e3
+    return (f"{lay:34s} {r['weights']:4s} {r['batch']:3d} {r['input_len']:5d} | {r['ttft_s'] * ms:9.1f} "
+            f"{r['predicted_ttft_s'] * ms:9.1f} {r['ttft_rel_err']:+6.0%} | "
+            f"{r['decode_p50_s'] * ms:6.1f}/{r['decode_p90_s'] * ms:6.1f}/{r['decode_p99_s'] * ms:6.1f} "
+            f"{r['predicted_decode_s'] * ms:7.1f} {r['decode_rel_err']:+6.0%} | {r['tokens_per_s']:7.1f} "
+            f"{r['prefill_mfu']:7.1%} {r['decode_mbu']:7.1%} | {r['compile_s']:9.1f}")
+
+
+def table(rows: list[dict]) -> str:
+    return "\n".join([HEADER] + [format_row(r) for r in rows])
+
+
+def error_summary(rows: list[dict]) -> dict:
+    """Median and worst absolute relative error of TTFT and decode latency over all rows."""
+    errs = [abs(r[k]) for r in rows for k in ("ttft_rel_err", "decode_rel_err")]
+    return {"n": len(errs), "median_abs_rel_err": statistics.median(errs) if errs else 0.0,
+            "max_abs_rel_err": max(errs, default=0.0)}
+
+
+def plot(rows: list[dict], path: str, chip=None) -> None:
+    """Decode tokens/s against batch, measured (points) and predicted (lines), one colour per
+    (weights, input length, layouts); the memory/compute ridge batch of the chip marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["weights"], r["input_len"], r["decode_layout"], r["mesh"]), []).append(r)
+    for (w, L, dec, mesh), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["batch"])
+        b = [r["batch"] for r in rs]
+        line, = ax.plot(b, [r["batch"] / r["predicted_decode_s"] for r in rs], "-", alpha=0.7)
+        ax.plot(b, [r["tokens_per_s"] for r in rs], "o", color=line.get_color(),
+                label=f"{w} L={L} {dec}@{mesh}")
+        if chip is not None:
+            ridge = chip.peak_flops * (1 if w == "int8" else 4) / (2 * chip.hbm_bw)
+            ax.axvline(ridge, color=line.get_color(), ls=":", alpha=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (sequences decoded together)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("decode throughput: measured (points) vs cost model (lines); dotted: ridge batch")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "predict", "utilization", "configs",
+           "run", "table", "format_row", "error_summary", "plot", "decode_bytes_per_device", "rel_err"]

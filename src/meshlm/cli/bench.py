@@ -1,0 +1,85 @@
+"""`meshlm bench`: measured prefill/decode latency, tokens/s, MFU and MBU beside the cost model's
+prediction for the same layouts and shapes (meshlm.bench)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from meshlm.cli import int_list, positive_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="measured vs predicted latency per layout, batch and input length",
+                       description="Run the engine per configuration (warm-up excluded, compile time reported on "
+                                   "its own): time to first token, decode time per token p50/p90/p99, tokens/s, "
+                                   "MFU and MBU against the chip spec, beside the cost model's prediction for the "
+                                   "same layout and shapes, with the relative error.")
+    p.add_argument("--model", default="default", help="checkpoint (default: SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--batch", type=int_list, default=[1, 4, 16], help="comma-separated batch sizes")
+    p.add_argument("--input-len", type=int_list, default=[128, 512], help="comma-separated prompt lengths")
+    p.add_argument("--gen-len", type=positive_int, default=64, help="decode steps timed per configuration")
+    p.add_argument("--quantize", default="none",
+                   help="comma-separated weight formats: none (f32 on CPU, bf16 on accelerators), int8")
+    p.add_argument("--layouts", default="planner",
+                   help="comma-separated layout pairs: planner or PREFILL:DECODE (e.g. wg-xyz/heads:ws2d/batch)")
+    p.add_argument("--devices", type=positive_int, help="devices to use; on a CPU-only host, simulate N devices")
+    p.add_argument("--mesh", help="mesh XxYxZ (default: the planner's choice)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="prefills timed per configuration (median)")
+    p.add_argument("--json", dest="json_out", help="write every row (and the error summary) to this JSON file")
+    p.add_argument("--plot", help="write decode tokens/s vs batch, measured and predicted, to this PNG")
+    p.set_defaults(func=run)
+
+
+def _weights(spec: str) -> list[str | None]:
+    from meshlm.errors import MeshlmError
+
+    out: list[str | None] = []
+    for w in spec.split(","):
+        if w not in ("none", "int8"):
+            raise MeshlmError(f"--quantize: expected none or int8 (comma-separated), got {w!r}")
+        out.append(None if w == "none" else w)
+    return out
+
+
+def run(args) -> int:
+    from meshlm.mesh import simulate_cpu_devices
+
+    mesh_n = None
+    if args.mesh:
+        from meshlm.layouts import MeshShape
+
+        mesh_n = MeshShape.parse(args.mesh).n
+    n = args.devices or mesh_n
+    if n:
+        simulate_cpu_devices(n)
+    import jax
+
+    from meshlm import bench
+    from meshlm.layouts import MeshShape
+
+    mesh = MeshShape.parse(args.mesh) if args.mesh else None
+    weights = _weights(args.quantize)
+    pairs = [p.strip() for p in args.layouts.split(",") if p.strip()]
+    host = bench.load_host(args.model, progress=sys.stderr.isatty())
+    cfgs = bench.configs(pairs, weights, args.batch, args.input_len, args.gen_len)
+    dev = jax.devices()[0]
+    print(f"{host.cfg.name} on {n or len(jax.devices())} x {dev.device_kind} ({dev.platform}); "
+          f"gen {args.gen_len} tokens, greedy; times in ms", flush=True)
+    print(bench.HEADER, flush=True)
+    rows = bench.run(host, cfgs, n_devices=n, mesh=mesh, repeats=args.repeats,
+                     log=lambda line: print(line, flush=True))
+    summary = bench.error_summary(rows)
+    print(f"|relative error| of predicted latency over {summary['n']} numbers: median "
+          f"{summary['median_abs_rel_err']:.0%}, worst {summary['max_abs_rel_err']:.0%} (chip spec {rows[0]['chip']})")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"model": host.cfg.name, "platform": dev.platform, "device_kind": dev.device_kind,
+                       "n_devices": n or len(jax.devices()), "summary": summary, "rows": rows}, f, indent=2)
+        print(f"wrote {args.json_out}")
+    if args.plot:
+        from meshlm.deploy import local_chip
+
+        bench.plot(rows, args.plot, chip=local_chip(n or len(jax.devices())))
+        print(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,71 @@
+"""`meshlm bench` on a tiny checkpoint: every row carries measured and predicted numbers that agree
+with each other (errors, tokens/s, utilizations), the JSON and plot are written, bad input is one line."""
+
+import json
+
+import pytest
+
+from hf_models import make_hf_model
+from meshlm import bench
+from meshlm.cli import main
+from meshlm.costmodel import estimate
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench_llama")
+    make_hf_model("llama", d)
+    return d
+
+
+def test_cli_rows_json_and_plot(model_dir, tmp_path, capsys):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", "--model", str(model_dir), "--batch", "1,4", "--input-len", "5", "--gen-len", "6",
+               "--quantize", "none,int8", "--layouts", "planner,wg-xyz/heads:ws2d/batch", "--repeats", "2",
+               "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert len(rows) == 2 * 2 * 2 and png.stat().st_size > 1000
+    assert {r["weights"] for r in rows} == {"f32", "int8"}
+    forced = [r for r in rows if r["pair"] != "planner"]
+    assert {(r["prefill_layout"], r["decode_layout"]) for r in forced} == {("wg-xyz/heads", "ws2d/batch")}
+    for r in rows:
+        assert r["prefill_shape"][1] == 8  # prompts of 5 tokens run in the 8-token bucket
+        assert 0 < r["decode_p50_s"] <= r["decode_p90_s"] <= r["decode_p99_s"]
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["decode_p50_s"])
+        assert r["ttft_rel_err"] == pytest.approx((r["ttft_s"] - r["predicted_ttft_s"]) / r["predicted_ttft_s"])
+        assert r["decode_rel_err"] == pytest.approx(
+            (r["decode_p50_s"] - r["predicted_decode_s"]) / r["predicted_decode_s"])
+        assert 0 < r["decode_mbu"] and 0 < r["prefill_mfu"] and r["compile_s"] >= 0
+    errs = sorted(abs(r[k]) for r in rows for k in ("ttft_rel_err", "decode_rel_err"))
+    assert data["summary"]["max_abs_rel_err"] == pytest.approx(errs[-1])
+    assert "relative error" in text and "ws2d/batch" in text
+
+
+def test_prediction_is_the_cost_model_for_what_ran(model_dir):
+    host = bench.load_host(str(model_dir))
+    c = bench.Config("ws2d/heads:ws2d/heads", None, 2, 5, 4)
+    d = bench.deploy_config(host, c)
+    m = bench.measure(d, c, repeats=1)
+    p = bench.predict(d, c)
+    B, L = m["prefill_shape"]
+    assert (B, L) == (2, 8)
+    cfg, lay = host.cfg, d.layouts
+    assert p["ttft_s"] == estimate(cfg, d.chip, lay["prefill"], "prefill", 2, 8, 1).latency_s
+    assert p["decode_s"] == estimate(cfg, d.chip, lay["decode"], "decode", 2, 5, 4).step_latency_s
+    # MBU counts the weights read plus the whole cache: doubling the batch adds cache bytes only
+    c2 = bench.Config("ws2d/heads:ws2d/heads", None, 4, 5, 4)
+    d2 = bench.deploy_config(host, c2)
+    kv = lambda dd: sum(a.nbytes for a in __import__("jax").tree.leaves(dd.engine.cache)) / 8
+    assert bench.decode_bytes_per_device(d2) - bench.decode_bytes_per_device(d) == pytest.approx(kv(d2) - kv(d))
+
+
+@pytest.mark.parametrize("args, msg", [(["--quantize", "int4"], "--quantize"),
+                                       (["--layouts", "ws2d/heads"], "PREFILL:DECODE")])
+def test_bad_input_is_one_line(model_dir, capsys, args, msg):
+    assert main(["bench", "--model", str(model_dir), "--batch", "1", "--input-len", "4", "--gen-len", "2",
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1
