@@ -143,7 +143,8 @@ def host_memory_bytes() -> float:
 
 def to_chip_dict(cal: Calibration, compute_dtype: str) -> dict:
     """A ChipSpec (meshlm.hardware) whose numbers are all measured: efficiencies are 1 because
-    the measured rates are already what this machine sustains.
+    the measured rates are already what this machine sustains. peak_flops is the compute dtype's
+    rate; the other weight formats' rates go to weight_flops (the CPU int8 path has its own).
 
     The collective model is t = D/link_bw * (k-1)/k + hop_latency * (k-1) on a switch of k
     devices (meshlm.costmodel); the fitted line t = lat + D/bw gives both."""
@@ -162,6 +163,8 @@ def to_chip_dict(cal: Calibration, compute_dtype: str) -> dict:
         "hbm_efficiency": 1.0,
         "hop_latency_s": cal.collective_latency_s / (k - 1) if k > 1 else 0.0,
         "vendor_peaks": [],
+        "act_bytes": 4 if on_cpu else 2,  # the engine computes (and caches K/V) in f32 on CPU
+        "weight_flops": [[d, v] for d, v in cal.matmul_flops.items() if d != compute_dtype],
         "source": f"meshlm calibrate: {k} x {cal.device_kind} ({cal.platform}), compute dtype {compute_dtype}, "
                   f"matmul FLOP/s per dtype {({d: round(v / 1e9, 2) for d, v in cal.matmul_flops.items()})} G",
     }

@@ -64,12 +64,13 @@ def weight_bytes(cfg: ModelConfig, layout: Layout) -> float:
 
 
 @functools.lru_cache(maxsize=65536)
-def _kv_bytes_at(cfg: ModelConfig, layout: Layout, batch: int, seq_len: int) -> float:
-    return _comm().kv_cache_bytes_per_device(cfg, layout, batch, seq_len, kv_bytes=KV_BYTES)
+def _kv_bytes_at(cfg: ModelConfig, layout: Layout, batch: int, seq_len: int, elem: int = KV_BYTES) -> float:
+    return _comm().kv_cache_bytes_per_device(cfg, layout, batch, seq_len, kv_bytes=elem)
 
 
-def kv_bytes(cfg: ModelConfig, layout: Layout, batch: int, seq_len: int) -> float:
-    return _affine_in_batch(lambda b: (_kv_bytes_at(cfg, layout, b, seq_len),), layout, batch)[0]
+def kv_bytes(cfg: ModelConfig, layout: Layout, batch: int, seq_len: int, elem: int = KV_BYTES) -> float:
+    """KV-cache bytes per chip (elem: bytes per element, the chip's act_bytes)."""
+    return _affine_in_batch(lambda b: (_kv_bytes_at(cfg, layout, b, seq_len, elem),), layout, batch)[0]
 
 
 def _affine_in_batch(f: Any, layout: Layout, batch: int) -> tuple[float, ...]:
@@ -211,7 +212,7 @@ def _comm_totals(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
                  kv_len: int) -> tuple[float, float, float, float]:
     """comm_totals at exactly this batch (one call of comm.forward_collectives)."""
     act_s = w_s = lat_s = nbytes = 0.0
-    for c in _comm().forward_collectives(cfg, layout, phase, batch, q_len, kv_len, act_bytes=ACT_BYTES):
+    for c in _comm().forward_collectives(cfg, layout, phase, batch, q_len, kv_len, act_bytes=chip.act_bytes):
         t_bw, t_lat = collective_time(chip, layout, c.kind, c.axes, c.bytes)
         if is_weight_gather(c):
             w_s += t_bw * c.count
@@ -230,7 +231,7 @@ def collective_breakdown(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase
     q_len, steps = (input_len, 1) if phase == "prefill" else (1, gen_len)
     kv_len = input_len if phase == "prefill" else input_len + gen_len
     rows = []
-    for c in _comm().forward_collectives(cfg, layout, phase, batch, q_len, kv_len, act_bytes=ACT_BYTES):
+    for c in _comm().forward_collectives(cfg, layout, phase, batch, q_len, kv_len, act_bytes=chip.act_bytes):
         t_bw, t_lat = collective_time(chip, layout, c.kind, c.axes, c.bytes)
         rows.append({"what": c.what, "kind": c.kind, "axes": c.axes, "bytes": c.bytes, "count": c.count * steps,
                      "seconds": (t_bw + t_lat) * c.count * steps, "prefetched": is_weight_gather(c)})
@@ -251,11 +252,11 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     n = layout.mesh.n
     tokens = served_batch(batch, layout) * q_len
     h_served, _ = served_heads(cfg, layout.mesh)
-    flops = chip.flops
+    flops = chip.flops_for(layout.weights)  # weight matmuls at the weight format's rate
     matmul = 2.0 * matmul_params(cfg, h_served) * tokens / n / flops
     # Q.K and P.V: 2 FLOPs x 2 einsums per (token, cached position, head, head dim); every layout
     # splits (padded) heads x sequences over all n chips.
-    attn = 4.0 * tokens * kv_len * h_served * cfg.d_head * cfg.n_layers / n / flops
+    attn = 4.0 * tokens * kv_len * h_served * cfg.d_head * cfg.n_layers / n / chip.flops  # activations only
     wmem = weight_read_bytes(cfg, layout) / chip.mem_bw
     kvmem = kv_bytes_dev / chip.mem_bw
     act_s, w_s, lat_s, nbytes = comm_totals(cfg, chip, layout, phase, batch, q_len, int(round(kv_len)))
@@ -266,13 +267,13 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
 
 
 def memory_per_chip(cfg: ModelConfig, layout: Layout, phase: str, batch: int, input_len: int,
-                    gen_len: int) -> dict[str, float]:
+                    gen_len: int, act_bytes: int = ACT_BYTES) -> dict[str, float]:
     """Bytes per chip at the end of the phase: stored weights, the KV cache, and the largest
     transient working set of one layer (gathered weights + activations of the pass)."""
     mesh, plan = layout.mesh, layout.plan
     weights = weight_bytes(cfg, layout)
     seq = input_len + (gen_len if phase == "decode" else 0)
-    kv = kv_bytes(cfg, layout, batch, seq)
+    kv = kv_bytes(cfg, layout, batch, seq, act_bytes)
     # The largest weight matrix after its gather (weight-gathered layouts), double-buffered so
     # the next gather overlaps this matmul (§3.5).
     gather = mesh.size(plan.weight_gather)
@@ -285,7 +286,7 @@ def memory_per_chip(cfg: ModelConfig, layout: Layout, phase: str, batch: int, in
     hidden = (2 if cfg.gated_mlp else 1) * cfg.d_ff / mesh.size(plan.f_axes)
     resid = cfg.d_model / mesh.size(plan.e_axes)
     attn_rows = 2 * cfg.n_heads * cfg.d_head / mesh.size(plan.f_axes)
-    acts = t_local * (resid + hidden + attn_rows) * ACT_BYTES
+    acts = t_local * (resid + hidden + attn_rows) * act_bytes
     return {"weights": weights, "kv_cache": kv, "working_set": gathered + acts}
 
 
@@ -301,19 +302,19 @@ def estimate(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch
             raise MeshlmError(f"{what} must be a positive integer, got {v!r}")
     n = layout.mesh.n
     if phase == "prefill":
-        kv_dev = kv_bytes(cfg, layout, batch, input_len)
+        kv_dev = kv_bytes(cfg, layout, batch, input_len, chip.act_bytes)
         step = forward_pass(cfg, chip, layout, phase, batch, input_len, input_len, kv_dev)
         steps, tokens = 1, batch * input_len
     else:
         # Every term is affine in the context length, so the sum over the gen_len steps equals
         # gen_len times the step at the mean context (exact, and O(1) for the planner's sweeps).
-        kv_first = kv_bytes(cfg, layout, batch, input_len + 1)
-        kv_last = kv_bytes(cfg, layout, batch, input_len + gen_len)
+        kv_first = kv_bytes(cfg, layout, batch, input_len + 1, chip.act_bytes)
+        kv_last = kv_bytes(cfg, layout, batch, input_len + gen_len, chip.act_bytes)
         s_mean = input_len + (gen_len + 1) / 2
         step = forward_pass(cfg, chip, layout, phase, batch, 1, s_mean, (kv_first + kv_last) / 2)
         steps, tokens = gen_len, batch * gen_len
     latency = step.total_s * steps
-    mem = memory_per_chip(cfg, layout, phase, batch, input_len, gen_len)
+    mem = memory_per_chip(cfg, layout, phase, batch, input_len, gen_len, chip.act_bytes)
     total_mem = sum(mem.values())
     mfu = 2.0 * cfg.n_params_mfu * tokens / (latency * n * chip.peak_flops)
     ph = step.scaled(steps)

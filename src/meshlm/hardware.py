@@ -46,6 +46,11 @@ class ChipSpec:
     hop_latency_s: float = 3e-6  # fixed cost of one ring step of a collective (sync + link latency)
     vendor_peaks: tuple[str, ...] = ("peak_flops", "hbm_bytes", "hbm_bw", "link_bw")
     source: str = ""
+    # ---- what the engine runs on this chip (measured specs, `meshlm calibrate`) ----------------
+    act_bytes: int = 2  # bytes per activation / KV-cache element: 2 (bf16) on accelerators, 4 (f32) on CPU
+    # matmul FLOP/s per weight format where it differs from peak_flops, e.g. (("int8", 9e10),):
+    # the CPU int8 path dequantizes blocks and multiplies in f32, at its own measured rate
+    weight_flops: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
@@ -57,6 +62,11 @@ class ChipSpec:
                 raise MeshlmError(f"chip {self.name!r}: {f} must be a positive number, got {v!r}")
         if not (0 < self.flops_efficiency <= 1 and 0 < self.hbm_efficiency <= 1):
             raise MeshlmError(f"chip {self.name!r}: efficiencies must be in (0, 1]")
+        if self.act_bytes not in (1, 2, 4):
+            raise MeshlmError(f"chip {self.name!r}: act_bytes must be 1, 2 or 4, got {self.act_bytes!r}")
+        for fmt, v in self.weight_flops:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise MeshlmError(f"chip {self.name!r}: weight_flops[{fmt!r}] must be a positive number, got {v!r}")
         if self.hop_latency_s < 0:
             raise MeshlmError(f"chip {self.name!r}: hop_latency_s must be >= 0")
         if self.topology.endswith("torus") and self.torus_dims != int(self.topology[0]):
@@ -68,6 +78,10 @@ class ChipSpec:
     @property
     def flops(self) -> float:
         return self.peak_flops * self.flops_efficiency
+
+    def flops_for(self, weights: str) -> float:
+        """Achievable matmul FLOP/s with weights stored as `weights` (f32, bf16, int8)."""
+        return dict(self.weight_flops).get(weights, self.peak_flops) * self.flops_efficiency
 
     @property
     def mem_bw(self) -> float:
@@ -177,6 +191,15 @@ def chip_from_dict(d: Any, where: str = "chip spec") -> ChipSpec:
     d = dict(d)
     if "vendor_peaks" in d:
         d["vendor_peaks"] = tuple(d["vendor_peaks"])
+    if "weight_flops" in d:
+        wf = d["weight_flops"]
+        if not isinstance(wf, (list, tuple, dict)):
+            raise MeshlmError(f"{where}: weight_flops must be a list of [format, FLOP/s] pairs")
+        items = wf.items() if isinstance(wf, dict) else wf
+        try:
+            d["weight_flops"] = tuple((str(k), v) for k, v in items)
+        except (TypeError, ValueError):
+            raise MeshlmError(f"{where}: weight_flops must be a list of [format, FLOP/s] pairs") from None
     try:
         return ChipSpec(**d)
     except TypeError as e:
