@@ -84,12 +84,13 @@ def _one_run(eng, ps: list[list[int]], gen_len: int) -> tuple[float, list[float]
     return ttft, steps
 
 
-def measure(d, c: Config, repeats: int = 3) -> dict:
-    """Time one deployment on config c (see the module docstring)."""
+def measure(d, c: Config, repeats: int = 3, prompt_ids: list[list[int]] | None = None) -> dict:
+    """Time one deployment on config c (see the module docstring); prompts of c.input_len
+    deterministic ids unless `prompt_ids` (c.batch lists of c.input_len ids) are given."""
     eng = d.engine
     if eng.slots < c.batch:
         raise MeshlmError(f"engine has {eng.slots} slots, config needs {c.batch}")
-    ps = prompts(c.batch, c.input_len, d.model.cfg.vocab)
+    ps = prompt_ids or prompts(c.batch, c.input_len, d.model.cfg.vocab)
     t = time.perf_counter()
     first_ttft, first_steps = _one_run(eng, ps, min(2, c.gen_len))
     first = time.perf_counter() - t
@@ -139,6 +140,31 @@ def utilization(d, c: Config, m: dict) -> dict:
     return {"prefill_mfu": flops_tok * c.batch * c.input_len / (m["ttft_s"] * n * chip.peak_flops),
             "decode_mfu": flops_tok * c.batch / (m["decode_p50_s"] * n * chip.peak_flops),
             "decode_mbu": decode_bytes_per_device(d) / (m["decode_p50_s"] * chip.hbm_bw)}
+
+
+def on_prompts(host, ids: list[list[int]], weights: str | None, gen_len: int, repeats: int = 3) -> dict:
+    """meshlm on exactly these prompt ids (for comparisons with other engines): the planner's
+    layouts, its greedy tokens (EOS ignored) and the timings of `measure`."""
+    c = Config("planner", weights, len(ids), len(ids[0]), gen_len)
+    d = deploy_config(host, c)
+    tokens = d.engine.generate_ids(ids, SamplingParams(max_tokens=gen_len, ignore_eos=True))
+    return {"weights": d.layouts["decode"].weights, "tokens": tokens, **measure(d, c, repeats, prompt_ids=ids)}
+
+
+def machine() -> dict:
+    """Where and when a measurement ran (date, CPU, cores, devices, 1-minute load average)."""
+    import os
+    import platform
+
+    import jax
+
+    cpu = ""
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    dev = jax.devices()[0]
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(), "cpu": cpu,
+            "nproc": os.cpu_count(), "device": f"{len(jax.devices())} x {dev.device_kind} ({dev.platform})",
+            "loadavg_1m": os.getloadavg()[0]}
 
 
 def rel_err(measured: float, predicted: float) -> float:
@@ -231,4 +257,4 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
 
 
 __all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "predict", "utilization", "configs",
-           "run", "table", "format_row", "error_summary", "plot", "decode_bytes_per_device", "rel_err"]
+           "run", "on_prompts", "machine", "table", "format_row", "error_summary", "plot", "decode_bytes_per_device", "rel_err"]
