@@ -165,10 +165,7 @@ def main(argv=None) -> int:
                   flush=True)
     out = {**bench.machine(), "gguf": os.path.basename(gguf), "threads": args.threads,
            "prompt_len": args.prompt_len, "gen_len": args.gen_len, "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    bench.write_json(args.out, out)
     return 0
 
 

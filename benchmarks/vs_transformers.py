@@ -15,7 +15,6 @@ with transformers'.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -122,10 +121,7 @@ def main(argv=None) -> int:
                   f"{row['greedy_tokens_equal_to_hf']}", flush=True)
     out = {**bench.machine(), "model": cfg.name, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
            "torch_threads": args.threads, "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    bench.write_json(args.out, out)
     return 0
 
 

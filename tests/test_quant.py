@@ -1,3 +1,4 @@
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,3 +32,14 @@ def test_row_block_choice():
     x = rng.normal(size=(3, 288)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(dot_rows(jnp.asarray(x), jnp.asarray(q), jnp.float32)),
                                x @ q.astype(np.float32), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("C", [4096, 1100, 700])  # chunked by 1024, by 550, whole
+def test_dot_t_int8_equals_the_dequantized_product(C):
+    from meshlm.quant import dot_t
+
+    rng = np.random.default_rng(C)
+    q = rng.integers(-127, 128, (C, 96)).astype(np.int8)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    got = np.asarray(dot_t(jnp.asarray(x), jnp.asarray(q), jnp.float32))
+    np.testing.assert_allclose(got, x @ q.astype(np.float32).T, rtol=1e-5, atol=1e-3)

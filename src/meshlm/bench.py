@@ -167,6 +167,16 @@ def machine() -> dict:
             "loadavg_1m": os.getloadavg()[0]}
 
 
+def write_json(path: str, obj: dict) -> None:
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    print(f"wrote {path}")
+
+
 def rel_err(measured: float, predicted: float) -> float:
     return (measured - predicted) / predicted if predicted > 0 else float("inf")
 
@@ -257,4 +267,4 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
 
 
 __all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "predict", "utilization", "configs",
-           "run", "on_prompts", "machine", "table", "format_row", "error_summary", "plot", "decode_bytes_per_device", "rel_err"]
+           "run", "on_prompts", "machine", "write_json", "table", "format_row", "error_summary", "plot", "decode_bytes_per_device", "rel_err"]

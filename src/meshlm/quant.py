@@ -43,10 +43,7 @@ def row_block(R: int) -> int | None:
     ROW_BLOCK] (e.g. 144 for a 288-row shard); None when R is small or has no such divisor."""
     if R <= ROW_BLOCK:
         return None
-    for b in range(ROW_BLOCK, ROW_BLOCK // 2 - 1, -1):
-        if R % b == 0:
-            return b
-    return None
+    return _divisor(R, ROW_BLOCK // 2, ROW_BLOCK)
 
 
 def dot_rows(x, w, dtype):
@@ -69,6 +66,33 @@ def dot_rows(x, w, dtype):
 
     acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], w.shape[1]), jnp.float32), (xb, wb))
     return acc.astype(dtype)
+
+
+def _divisor(n: int, lo: int, hi: int) -> int | None:
+    return next((b for b in range(hi, lo - 1, -1) if n % b == 0), None)
+
+
+COL_CHUNK = 1024  # rows of a transposed int8 weight dequantized at once: 1024 x E f32 stays in cache
+
+
+def dot_t(x, wt, dtype):
+    """x [M, R] @ wt.T with wt [C, R] (the tied embedding [V, E] as the output projection).
+
+    int8: a scan over chunks of ~COL_CHUNK rows of wt, each dequantized and multiplied while it
+    is still in cache (dequantizing all of a [V, E] table at once costs ~20x the int8 read)."""
+    if wt.dtype != jnp.int8:
+        return jnp.dot(x.astype(dtype), wt.astype(dtype).T, preferred_element_type=jnp.float32).astype(dtype)
+    C, R = wt.shape
+    cs = _divisor(C, COL_CHUNK // 4, COL_CHUNK) if C > COL_CHUNK else None
+    xf = x.astype(jnp.float32)
+    if cs is None:
+        return jnp.dot(xf, wt.astype(jnp.float32).T).astype(dtype)
+
+    def step(_, wc):
+        return None, jnp.dot(xf, wc.astype(jnp.float32).T)  # [M, cs]
+
+    _, out = jax.lax.scan(step, None, wt.reshape(C // cs, cs, R))
+    return out.transpose(1, 0, 2).reshape(x.shape[0], C).astype(dtype)
 
 
 def _fake(w, axis: int):

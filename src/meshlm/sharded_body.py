@@ -17,7 +17,7 @@ from meshlm.collectives import (ag_matmul, all_gather, all_to_all, gather_blocks
                                 matmul_rs, psum, reduce_scatter)
 from meshlm.layouts import Layout, parse_spec
 from meshlm.model import act, apply_norm, attend, norm_stats, rotary
-from meshlm.quant import dot_rows, is_quantized
+from meshlm.quant import dot_rows, dot_t, is_quantized
 from meshlm.sharded_params import Geometry
 
 ZY = ("z", "y")
@@ -298,11 +298,10 @@ class Body:
         h = h.reshape(-1, self.E).astype(jnp.float32)
         if "lm_head" in params:
             w = params["lm_head"]
-            wq = w["q"] if is_quantized(w) else w
-        else:
+            out = dot_rows(h, w["q"] if is_quantized(w) else w, jnp.float32)
+        else:  # tied: the embedding [V, E] read as stored (chunked over V when int8)
             w = params["embed"]
-            wq = (w["q"] if is_quantized(w) else w).T
-        out = dot_rows(h, wq, jnp.float32)
+            out = dot_t(h, w["q"] if is_quantized(w) else w, jnp.float32)
         if is_quantized(w):
             out = out * w["s"]
         if "lm_head_bias" in params:

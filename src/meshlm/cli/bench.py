@@ -3,7 +3,6 @@ prediction for the same layouts and shapes (meshlm.bench)."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 from meshlm.cli import int_list, positive_int
@@ -73,10 +72,8 @@ def run(args) -> int:
     print(f"|relative error| of predicted latency over {summary['n']} numbers: median "
           f"{summary['median_abs_rel_err']:.0%}, worst {summary['max_abs_rel_err']:.0%} (chip spec {rows[0]['chip']})")
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"model": host.cfg.name, "platform": dev.platform, "device_kind": dev.device_kind,
-                       "n_devices": n or len(jax.devices()), "summary": summary, "rows": rows}, f, indent=2)
-        print(f"wrote {args.json_out}")
+        bench.write_json(args.json_out, {**bench.machine(), "model": host.cfg.name, "gen_len": args.gen_len,
+                                         "summary": summary, "rows": rows})
     if args.plot:
         from meshlm.deploy import local_chip
 
