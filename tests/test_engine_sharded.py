@@ -51,7 +51,7 @@ def test_layout_pair_gives_reference_greedy_tokens(setup, prefill, decode):
     assert eng.generate_ids(PROMPTS, SP) == want
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "llama"])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in ("llama", "mistral")])  # mistral: llama's graph
 def test_every_architecture_on_8_devices(tmp_path, arch):
     """MQA, grouped QKV, parallel blocks, biases, partial and interleaved rotary through one mixed pair."""
     make_hf_model(arch, tmp_path)

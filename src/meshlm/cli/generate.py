@@ -145,7 +145,7 @@ DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 DEMO_RUNS = ((None, None), ("wg-xyz/heads", "ws2d/batch"))  # the planner's choice, then a mixed pair
 
 
-def real_model_demo(n_devices: int = 8, max_tokens: int = 24, console: Any = None) -> list[dict]:
+def real_model_demo(n_devices: int = 8, max_tokens: int = 24, console: Any = None, runs=DEMO_RUNS) -> list[dict]:
     """SmolLM2 answers DEMO_PROMPT on n simulated devices, first with the planner's layouts, then
     with weight-gathered prefill + ws2d/batch decode; prints each answer and a table of the layouts
     with predicted vs measured latency. Call before anything initialises JAX (device simulation)."""
@@ -164,7 +164,7 @@ def real_model_demo(n_devices: int = 8, max_tokens: int = 24, console: Any = Non
         console = wide_console()
     rows = []
     sp = SamplingParams(max_tokens=max_tokens)
-    for prefill, decode in DEMO_RUNS:
+    for prefill, decode in runs:
         d = deploy("default", n_devices=n_devices, prefill=prefill, decode=decode, max_len=256,
                    input_len=48, gen_len=max_tokens, host=host)
         ids = d.text.encode(DEMO_PROMPT, chat=True)
