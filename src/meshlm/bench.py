@@ -252,7 +252,8 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
         ax.plot(b, [r["tokens_per_s"] for r in rs], "o", color=line.get_color(),
                 label=f"{w} L={L} {dec}@{mesh}")
         if chip is not None:
-            ridge = chip.peak_flops * (1 if w == "int8" else 4) / (2 * chip.hbm_bw)
+            # batch where 2 FLOPs per weight per sequence take as long as reading the weight once
+            ridge = chip.flops_for(w) * {"int8": 1, "bf16": 2}.get(w, 4) / (2 * chip.mem_bw)
             ax.axvline(ridge, color=line.get_color(), ls=":", alpha=0.5)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -80,8 +80,9 @@ def dot_t(x, wt, dtype):
 
     int8: a scan over chunks of ~COL_CHUNK rows of wt, each dequantized and multiplied while it
     is still in cache (dequantizing all of a [V, E] table at once costs ~20x the int8 read)."""
-    if wt.dtype != jnp.int8:
-        return jnp.dot(x.astype(dtype), wt.astype(dtype).T, preferred_element_type=jnp.float32).astype(dtype)
+    if wt.dtype != jnp.int8:  # contract E of both as stored ('ME,CE->MC'): no transposed copy of the table
+        return jax.lax.dot_general(x.astype(dtype), wt.astype(dtype), (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32).astype(dtype)
     C, R = wt.shape
     cs = _divisor(C, COL_CHUNK // 4, COL_CHUNK) if C > COL_CHUNK else None
     xf = x.astype(jnp.float32)

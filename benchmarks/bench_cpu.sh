@@ -1,0 +1,22 @@
+#!/bin/sh
+# Every measurement in docs/performance.md, in order (~20 minutes on the 2-core development host).
+# Writes benchmarks/results/bench_cpu_*.json, the decode plot and the two comparisons' JSON.
+# MESHLM_HOME (default ~/.cache/meshlm) decides where the calibration goes and what bench reads.
+set -e
+cd "$(dirname "$0")/.."
+R=benchmarks/results
+mkdir -p $R
+uptime
+meshlm calibrate
+uptime
+meshlm bench --batch 1,4,16,64 --input-len 16,128 --gen-len 16 --quantize none,int8 --repeats 1 \
+    --json $R/bench_cpu_grid.json --plot $R/bench_cpu_decode.png
+uptime
+meshlm bench --batch 1,8 --input-len 512,1024 --gen-len 16 --quantize none --repeats 1 --json $R/bench_cpu_long.json
+uptime
+meshlm bench --batch 8 --input-len 512 --gen-len 16 --quantize int8 --repeats 1 --json $R/bench_cpu_prefill_int8.json
+uptime
+python benchmarks/vs_transformers.py --batch 1 --prompt-len 128 --gen-len 64
+uptime
+python benchmarks/vs_llamacpp.py --batch 1,8 --prompt-len 128 --gen-len 64
+uptime
