@@ -1,8 +1,9 @@
 """`meshlm demo`: the planner on the paper's headline case (PaLM 540B on 64 TPU v4 chips, low
-latency and high throughput, prefill and decode), printed beside the paper's Table 2.
+latency and high throughput, prefill and decode), printed beside the paper's Table 2; then the
+main job: SmolLM2-135M-Instruct answers a prompt on 8 simulated devices, with the layouts used per
+phase and predicted vs measured latency (`meshlm.cli.generate.real_model_demo`).
 
-`planner_demo()` returns the rows and `print_planner_demo()` prints them, so a later demo that
-also runs the real model can call the planner part unchanged.
+`planner_demo()` returns the rows and `print_planner_demo()` prints them.
 """
 
 from __future__ import annotations
@@ -48,10 +49,27 @@ def print_planner_demo(console: Any = None) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not args.planner_only:
+        import os
+
+        from meshlm.mesh import simulate_cpu_devices
+
+        # the real job runs on simulated CPU devices everywhere (reproducible); set before JAX starts
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        simulate_cpu_devices(args.devices)
     print_planner_demo()
+    if not args.planner_only:
+        from meshlm.cli.generate import real_model_demo
+
+        real_model_demo(args.devices)
     return 0
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("demo", help="the planner on the paper's headline case (PaLM 540B, 64 TPU v4)")
+    from meshlm.cli import positive_int
+
+    p = sub.add_parser("demo", help="the planner on the paper's headline case (PaLM 540B, 64 TPU v4), then "
+                                    "SmolLM2 answering on 8 simulated devices with predicted vs measured latency")
+    p.add_argument("--devices", type=positive_int, default=8, help="simulated devices for the real job (default 8)")
+    p.add_argument("--planner-only", action="store_true", help="only the planner table (no model run)")
     p.set_defaults(func=cmd_demo)
