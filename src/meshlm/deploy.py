@@ -38,10 +38,10 @@ class ShardedBackend:
     def __init__(self, sm: ShardedModel, layout: Layout, params):
         self.sm, self.layout, self.cfg = sm, layout, sm.cfg
         self.batch_multiple = comm.batch_multiple(layout)
-        sm._check_params(layout, params)
+        sm.check_params(layout, params)
         # built once with the concrete params (their shardings give the shard_map specs)
-        self._prefill = sm._fn(layout, "prefill", False, params)
-        self._decode = sm._fn(layout, "decode", False, params)
+        self._prefill = sm.pass_fn(layout, "prefill", False, params)
+        self._decode = sm.pass_fn(layout, "decode", False, params)
 
     def init_cache(self, batch, max_len):
         return self.sm.init_cache(self.layout, batch, max_len)

@@ -64,7 +64,7 @@ class ShardedModel:
     def param_specs(self, params):
         return jax.tree.map(lambda a: a.sharding.spec, params)
 
-    def _check_params(self, layout: Layout, params):
+    def check_params(self, layout: Layout, params):
         u = self.geo.units[0].name
         w = params["layers"][f"{u}_in"]
         w = w["q"] if is_quantized(w) else w
@@ -141,7 +141,10 @@ class ShardedModel:
         return {n: f(a) for n, a in cache.items()}
 
     # ---- the passes ---------------------------------------------------------------------------
-    def _fn(self, layout: Layout, phase: str, all_logits: bool, params):
+    def pass_fn(self, layout: Layout, phase: str, all_logits: bool, params):
+        """The jitted pass (params, tokens [Bc, L], rows [Bc], cache) -> (logits, cache) on the
+        cache's full batch Bc, cached per (layout, phase, params structure). The engine traces it
+        inside its own jitted step, so sampling runs in the same program."""
         key = (layout, phase, all_logits, jax.tree.structure(params))
         if key not in self._fns:
             body = Body(self.geo, layout, phase, all_logits, self.act_dtype)
@@ -178,23 +181,23 @@ class ShardedModel:
         if tokens.shape[1] > cache["k"].shape[2]:
             raise MeshlmError(f"prompt length {tokens.shape[1]} exceeds the cache length {cache['k'].shape[2]}")
         B, (tok, lens) = self._pad_rows(layout, cache, tokens, lengths)
-        logits, cache = self._fn(layout, "prefill", all_logits, params)(params, tok, lens, cache)
+        logits, cache = self.pass_fn(layout, "prefill", all_logits, params)(params, tok, lens, cache)
         return (logits[:B] if all_logits else logits[:B, 0]), cache
 
     def decode(self, layout: Layout, params, cache, tokens, positions):
         self._check(layout, params, cache)
         B, (tok, pos) = self._pad_rows(layout, cache, tokens, positions)
-        logits, cache = self._fn(layout, "decode", False, params)(params, tok[:, None], pos, cache)
+        logits, cache = self.pass_fn(layout, "decode", False, params)(params, tok[:, None], pos, cache)
         return logits[:B, 0], cache
 
     def _check(self, layout, params, cache):
-        self._check_params(layout, params)
+        self.check_params(layout, params)
         self._check_cache(layout, cache)
 
     def lowered(self, layout: Layout, phase: str, params, tokens, rows, cache, all_logits: bool = False):
         """The jit-lowered pass on padded inputs (tokens [Bc, L], rows [Bc]), for HLO inspection."""
         self._check(layout, params, cache)
-        return self._fn(layout, phase, all_logits, params).lower(params, tokens, rows, cache)
+        return self.pass_fn(layout, phase, all_logits, params).lower(params, tokens, rows, cache)
 
     # ---- bytes on device ----------------------------------------------------------------------
     @staticmethod
