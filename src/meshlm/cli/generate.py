@@ -11,7 +11,8 @@ from meshlm.cli import positive_int
 from meshlm.errors import MeshlmError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_deploy_args(p: argparse.ArgumentParser) -> None:
+    """Which model, on which devices, in which layouts (shared with `meshlm serve`)."""
     p.add_argument("--model", default="default",
                    help="'default' (SmolLM2-135M-Instruct), a .gguf file or a Hugging Face checkpoint directory")
     p.add_argument("--devices", type=positive_int, help="devices to use; on a CPU-only host, simulate N devices")
@@ -19,6 +20,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-layout", metavar="FFN/ATTN", help="force the prefill layout, e.g. wg-xyz/heads")
     p.add_argument("--decode-layout", metavar="FFN/ATTN", help="force the decode layout, e.g. ws2d/batch")
     p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load time")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    add_deploy_args(p)
     p.add_argument("--max-tokens", type=positive_int, default=64, help="maximum new tokens (default 64)")
     p.add_argument("--max-len", type=positive_int, default=512, help="context length of a slot (default 512)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")

@@ -6,19 +6,14 @@ import sys
 from typing import Any
 
 from meshlm.cli import positive_int
+from meshlm.cli.generate import add_deploy_args
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and streaming",
                        description="Serve /v1/completions and /v1/chat/completions (streaming with \"stream\": "
                                    "true) from a model laid out on the local devices.")
-    p.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M-Instruct), a .gguf file or a Hugging Face checkpoint directory")
-    p.add_argument("--devices", type=positive_int, help="devices to use; on a CPU-only host, simulate N devices")
-    p.add_argument("--mesh", help="mesh XxYxZ (default: the planner's choice for the devices)")
-    p.add_argument("--prefill-layout", metavar="FFN/ATTN", help="force the prefill layout, e.g. wg-xyz/heads")
-    p.add_argument("--decode-layout", metavar="FFN/ATTN", help="force the decode layout, e.g. ws2d/batch")
-    p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load time")
+    add_deploy_args(p)
     p.add_argument("--slots", type=positive_int, default=8, help="decode slots: requests decoded together (default 8)")
     p.add_argument("--max-len", type=positive_int, default=1024, help="context length of a slot (default 1024)")
     p.add_argument("--max-waiting", type=positive_int, default=256,
