@@ -313,16 +313,22 @@ class Body:
         """The whole pass. rows: lengths [B] (prefill) or positions [B] (decode), replicated."""
         x = self.embed(tokens, params["embed"])
 
-        def layer(x, xs):
-            lw, ck, cv = xs
-            c = (ck, cv)
+        # The cache rides in the loop carry and each layer's slice is written back in place: as
+        # scan xs/ys it was copied in, restacked into a new buffer and copied again around the
+        # loop (several whole-cache copies per step on XLA:CPU).
+        def layer(carry, lw):
+            x, ck_all, cv_all, i = carry
+            c = (lax.dynamic_index_in_dim(ck_all, i, 0, keepdims=False),
+                 lax.dynamic_index_in_dim(cv_all, i, 0, keepdims=False))
             for u in self.geo.units:
                 if u.has_attn:
                     x, c = self.unit(u, x, lw, c, rows)
                 else:
                     x, _ = self.unit(u, x, lw, None, rows)
-            return x, c
+            ck_all = lax.dynamic_update_index_in_dim(ck_all, c[0], i, 0)
+            cv_all = lax.dynamic_update_index_in_dim(cv_all, c[1], i, 0)
+            return (x, ck_all, cv_all, i + 1), None
 
-        x, (ck, cv) = lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
+        (x, ck, cv, _), _ = lax.scan(layer, (x, cache["k"], cache["v"], jnp.int32(0)), params["layers"])
         return self.logits(x, params, rows), {"k": ck, "v": cv}
 
