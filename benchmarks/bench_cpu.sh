@@ -14,9 +14,9 @@ meshlm bench --batch 1,4,16,64 --input-len 16,128 --gen-len 16 --quantize none,i
 uptime
 meshlm bench --batch 1,8 --input-len 512,1024 --gen-len 16 --quantize none --repeats 1 --json $R/bench_cpu_long.json
 uptime
-meshlm bench --batch 8 --input-len 512 --gen-len 16 --quantize int8 --repeats 1 --json $R/bench_cpu_prefill_int8.json
+meshlm bench --batch 8 --input-len 512 --gen-len 16 --quantize none,int8 --repeats 1 --json $R/bench_cpu_prefill.json
 uptime
-python benchmarks/vs_transformers.py --batch 1 --prompt-len 128 --gen-len 64
+python benchmarks/vs_transformers.py --batch 1 --prompt-len 128 --gen-len 64 --repeats 2
 uptime
-python benchmarks/vs_llamacpp.py --batch 1,8 --prompt-len 128 --gen-len 64
+python benchmarks/vs_llamacpp.py --batch 1,8 --prompt-len 128 --gen-len 64 --repeats 2
 uptime
