@@ -75,7 +75,11 @@ def local_chip(n_devices: int) -> ChipSpec:
     """The spec the planner prices for the local devices (see module docstring)."""
     dev = jax.devices()[0]
     if local_spec_path().is_file():
-        return load_chip("local")
+        chip = load_chip("local")
+        # a calibration is per device *as measured*: simulated CPU devices share the host, so a
+        # spec measured on another device count would misprice this one
+        if dev.platform != "cpu" or chip.switch_domain in (0, n_devices):
+            return chip
     kind = dev.device_kind.lower()
     for key, name in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"), ("v4", "tpu-v4"),
                       ("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("v6", "tpu-v6e")):
