@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/meshlm demo
 
 test: install-test
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests -n 2
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
