@@ -1,6 +1,9 @@
 """The naive, unsharded reference model: the oracle every layout and every loader is checked against.
 
-Plain `jax.numpy`, no shard_map, no fusion, written to be obviously right rather than fast.
+Plain `jax.numpy`, no shard_map, no fusion, written to be obviously right rather than fast. Its
+norm, RoPE and attention are deliberately written apart from the sharded model's (`meshlm.model`):
+an oracle that shares code with what it checks cannot catch that code's bugs (the reference
+itself is checked against Hugging Face `transformers`).
 Params, cache and semantics are the project's contract (see `meshlm.model` for the glossary):
 
     params["layers"][name] is stacked over layers (leading axis); per layer:
