@@ -47,15 +47,22 @@ def register(sub: Any) -> None:
     c.set_defaults(func=cmd_chat)
 
 
-def _setup(args: argparse.Namespace):
-    """Simulated devices first (before JAX starts its backends), then load and plan."""
+def setup_devices(args: argparse.Namespace):
+    """--mesh / --devices -> (mesh or None, device count or None), simulating that many CPU
+    devices before JAX starts its backends (only the CPU backend; GPUs/TPUs are used as they are)."""
     from meshlm.layouts import MeshShape
     from meshlm.mesh import simulate_cpu_devices
 
     mesh = MeshShape.parse(args.mesh) if args.mesh else None
     n = args.devices or (mesh.n if mesh else None)
     if n:
-        simulate_cpu_devices(n)  # only affects the CPU backend; GPUs/TPUs are used as they are
+        simulate_cpu_devices(n)
+    return mesh, n
+
+
+def _setup(args: argparse.Namespace):
+    """Devices first, then load and plan."""
+    mesh, n = setup_devices(args)
     from meshlm.deploy import deploy
     from meshlm.sampling import SamplingParams
 

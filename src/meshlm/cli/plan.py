@@ -30,28 +30,24 @@ def console() -> Any:
 
 
 # ---- argument parsing helpers ----------------------------------------------------------------
-def pos_int(text: str | None, what: str) -> int | None:
+def _positive(text: str | None, what: str, kind, noun: str):
     if text is None:
         return None
     try:
-        v = int(text)
+        v = kind(text)
     except ValueError:
-        raise MeshlmError(f"{what} must be a positive integer, got {text!r}") from None
-    if v < 1:
-        raise MeshlmError(f"{what} must be a positive integer, got {v}")
+        raise MeshlmError(f"{what} must be a positive {noun}, got {text!r}") from None
+    if not v > 0:
+        raise MeshlmError(f"{what} must be a positive {noun}, got {text}")
     return v
+
+
+def pos_int(text: str | None, what: str) -> int | None:
+    return _positive(text, what, int, "integer")
 
 
 def pos_float(text: str | None, what: str) -> float | None:
-    if text is None:
-        return None
-    try:
-        v = float(text)
-    except ValueError:
-        raise MeshlmError(f"{what} must be a positive number, got {text!r}") from None
-    if not v > 0:
-        raise MeshlmError(f"{what} must be a positive number, got {text}")
-    return v
+    return _positive(text, what, float, "number")
 
 
 def int_csv(text: str, what: str) -> list[int]:

@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from meshlm.cli import positive_int
-from meshlm.cli.generate import add_deploy_args
+from meshlm.cli.generate import add_deploy_args, setup_devices
 
 
 def register(sub: Any) -> None:
@@ -24,13 +24,7 @@ def register(sub: Any) -> None:
 
 
 def run(args) -> int:
-    from meshlm.layouts import MeshShape
-    from meshlm.mesh import simulate_cpu_devices
-
-    mesh = MeshShape.parse(args.mesh) if args.mesh else None
-    n = args.devices or (mesh.n if mesh else None)
-    if n:
-        simulate_cpu_devices(n)
+    mesh, n = setup_devices(args)
     import uvicorn
 
     from meshlm.deploy import deploy
