@@ -40,8 +40,18 @@ def test_cli_rows_json_and_plot(model_dir, tmp_path, capsys):
             (r["decode_p50_s"] - r["predicted_decode_s"]) / r["predicted_decode_s"])
         assert 0 < r["decode_mbu"] and 0 < r["prefill_mfu"] and r["compile_s"] >= 0
     errs = sorted(abs(r[k]) for r in rows for k in ("ttft_rel_err", "decode_rel_err"))
-    assert data["summary"]["max_abs_rel_err"] == pytest.approx(errs[-1])
+    summary = data["summary"]
+    assert summary["max_abs_rel_err"] == pytest.approx(errs[-1]) and summary["n"] == 16
+    assert summary["prefill"]["max_abs_rel_err"] == pytest.approx(max(abs(r["ttft_rel_err"]) for r in rows))
+    dec = sorted(abs(r["decode_rel_err"]) for r in rows)
+    assert summary["decode"]["median_abs_rel_err"] == pytest.approx((dec[3] + dec[4]) / 2)
+    # the decode curve the plot draws: batches 1..64, the measured batch's point on it
+    for r in rows:
+        curve = dict((b, s) for b, s in r["predicted_decode_curve"])
+        assert min(curve) == 1 and max(curve) == 64 and curve[r["batch"]] == pytest.approx(r["predicted_decode_s"])
+        assert r["predicted_prefill_terms"]["compute"] > 0
     assert "relative error" in text and "ws2d/batch" in text
+    assert all(w in text for w in ("prefill ", "decode ", "overall "))
 
 
 def test_prediction_is_the_cost_model_for_what_ran(model_dir):
@@ -53,8 +63,12 @@ def test_prediction_is_the_cost_model_for_what_ran(model_dir):
     B, L = m["prefill_shape"]
     assert (B, L) == (2, 8)
     cfg, lay = host.cfg, d.layouts
-    assert p["ttft_s"] == estimate(cfg, d.chip, lay["prefill"], "prefill", 2, 8, 1).latency_s
-    assert p["decode_s"] == estimate(cfg, d.chip, lay["decode"], "decode", 2, 5, 4).step_latency_s
+    # the engine's accounting: prefill projects the last position only; a decode step attends over
+    # the whole dense cache (max_len = input 5 + gen 4 positions)
+    assert p["ttft_s"] == estimate(cfg, d.chip, lay["prefill"], "prefill", 2, 8, 1, logits="last").latency_s
+    assert p["prefill"].breakdown["matmul"] < estimate(cfg, d.chip, lay["prefill"], "prefill", 2, 8, 1).breakdown["matmul"]
+    assert d.engine.max_len == 9
+    assert p["decode_s"] == estimate(cfg, d.chip, lay["decode"], "decode", 2, 8, 1).step_latency_s
     # MBU counts the weights read plus the whole cache: doubling the batch adds cache bytes only
     c2 = bench.Config("ws2d/heads:ws2d/heads", None, 4, 5, 4)
     d2 = bench.deploy_config(host, c2)

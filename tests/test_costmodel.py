@@ -141,3 +141,88 @@ def test_batch_interpolation_is_exact(ffn, attention, batch):
     assert comm_totals(cfg, V4, lay, "prefill", batch, 128, 128) == pytest.approx(
         _comm_totals(cfg, V4, lay, "prefill", batch, 128, 128), rel=1e-12)
     assert kv_bytes(cfg, lay, batch, 300) == pytest.approx(_kv_bytes_at(cfg, lay, batch, 300), rel=1e-12)
+
+
+# ---- calibrated local chips: the measured M-curve, overheads, engine accounting -------------------
+def calibrated(**kw):
+    """A one-device CPU-like spec with every measured field (values chosen to be easy to check)."""
+    import dataclasses
+
+    base = dataclasses.replace(CHIPS["a100-80g"], name="local", flops_efficiency=1.0, hbm_efficiency=1.0,
+                               peak_flops=4e11, hbm_bw=3e10, act_bytes=4, vendor_peaks=())
+    return dataclasses.replace(base, **kw)
+
+
+CURVE = (("f32", ((1, 1e10), (16, 5e10), (256, 2e11), (4096, 3e11))),)
+ONE = MeshShape(1, 1, 1)
+
+
+def test_presets_have_no_measured_terms():
+    cfg = preset("palm-540b")
+    e = estimate(cfg, V4, Layout("ws2d", "heads", "int8", M444), "prefill", 1, 2048, 1)
+    assert e.breakdown["overhead"] == 0 and e.breakdown["score_load"] == 0
+
+
+def test_last_position_logits_drop_the_output_projection_of_the_other_positions():
+    cfg = preset("smollm2-135m")
+    lay = Layout("ws2d", "heads", "bf16", MeshShape(2, 2, 4))
+    B, L = 3, 512
+    every, last = (estimate(cfg, V4, lay, "prefill", B, L, 1, logits=lg) for lg in ("all", "last"))
+    n_out = cfg.vocab * cfg.d_model  # V x E multiplies B tokens instead of B x L
+    saved = 2 * n_out * B * (L - 1) / 16 / V4.flops
+    assert every.breakdown["matmul"] - last.breakdown["matmul"] == pytest.approx(saved, rel=1e-9)
+    assert every.breakdown["weight_load"] == last.breakdown["weight_load"]  # V x E is still read once
+    d = [estimate(cfg, V4, lay, "decode", B, L, 4, logits=lg).latency_s for lg in ("all", "last")]
+    assert d[0] == d[1]  # decode projects one position either way
+    with pytest.raises(MeshlmError, match="logits"):
+        estimate(cfg, V4, lay, "prefill", B, L, 1, logits="first")
+
+
+def test_matmuls_are_priced_on_the_measured_curve_at_their_rows():
+    cfg = preset("palm-62b")
+    chip = calibrated(matmul_curve=CURVE)
+    lay = Layout("ws2d", "heads", "f32", ONE)
+    n_mm = cfg.n_params() - (0 if cfg.tie_embeddings else cfg.vocab * cfg.d_model)
+    n_out = cfg.vocab * cfg.d_model
+    B, L = 4, 64  # body rows 256 -> 2e11; last-position logits rows 4 -> halfway (log M) 1 to 16
+    p = estimate(cfg, chip, lay, "prefill", B, L, 1, logits="last")
+    hand = 2 * (n_mm - n_out) * B * L / 2e11 + 2 * n_out * B / 3e10
+    assert p.breakdown["matmul"] == pytest.approx(hand, rel=1e-9)
+    d = estimate(cfg, chip, lay, "decode", 16, 100, 1)
+    assert d.breakdown["matmul"] == pytest.approx(2 * n_mm * 16 / 5e10, rel=1e-9)
+    # a format without a curve keeps the flat rate
+    i8 = estimate(cfg, chip, Layout("ws2d", "heads", "int8", ONE), "decode", 16, 100, 1)
+    assert i8.breakdown["matmul"] == pytest.approx(2 * n_mm * 16 / 4e11, rel=1e-9)
+
+
+def test_weight_gathered_matmul_rows_are_the_chips_batch_share():
+    cfg = preset("palm-62b")
+    chip = calibrated(matmul_curve=CURVE)
+    m = MeshShape(2, 2, 4)
+    p = estimate(cfg, chip, Layout("wg-xyz", "batch", "f32", m), "prefill", 16, 16, 1)  # 256 tokens / 16 chips
+    n_mm = cfg.n_params() - (0 if cfg.tie_embeddings else cfg.vocab * cfg.d_model)
+    assert p.breakdown["matmul"] == pytest.approx(2 * n_mm * 256 / 16 / 5e10, rel=1e-9)
+
+
+def test_overheads_and_scores_add_to_the_pass():
+    cfg = preset("palm-62b")
+    terms = dict(pass_overhead_s=(("prefill", 0.03), ("decode", 0.002)),
+                 layer_overhead_s=(("prefill", 1e-4), ("decode", 2e-5)), logit_elem_s=1e-9,
+                 score_elem_s=(("prefill", 5e-9), ("decode", 7e-9)))
+    plain, chip = calibrated(), calibrated(**terms)
+    lay = Layout("ws2d", "heads", "f32", ONE)
+    Y, V, H = cfg.n_layers, cfg.vocab, cfg.n_heads
+    B, L = 2, 128
+    pre = [estimate(cfg, c, lay, "prefill", B, L, 1) for c in (plain, chip)]
+    over = 0.03 + Y * 1e-4 + 1e-9 * B * V
+    score = 5e-9 * B * L * L * H * Y
+    assert pre[1].breakdown["overhead"] == pytest.approx(over, rel=1e-12)
+    assert pre[1].breakdown["score_load"] == pytest.approx(score, rel=1e-12)
+    assert pre[1].latency_s - pre[0].latency_s == pytest.approx(over + score, rel=1e-9)
+    dec = [estimate(cfg, c, lay, "decode", B, L, 8) for c in (plain, chip)]
+    s_mean = L + 4.5  # the mean context over 8 steps
+    step = 0.002 + Y * 2e-5 + 1e-9 * B * V + 7e-9 * B * s_mean * H * Y
+    assert dec[1].step_latency_s - dec[0].step_latency_s == pytest.approx(step, rel=1e-9)
+    b = pre[1].breakdown
+    assert pre[1].latency_s == pytest.approx(max(b["matmul"], b["weight_load"]) + max(b["attention"], b["kv_load"])
+                                             + b["score_load"] + b["communication"] + b["overhead"])

@@ -92,3 +92,53 @@ def test_local_spec(tmp_path, monkeypatch):
         load_chip("local")
     save_chip(CHIPS["h200"], tmp_path / "local.json")
     assert load_chip("local") == CHIPS["h200"]
+
+
+MEASURED = {"matmul_curve": {"f32": [[1, 1e10], [4, 4e10], [64, 2e11]], "int8": [[1, 2e10], [64, 1e11]]},
+            "pass_overhead_s": {"prefill": 0.03, "decode": 0.001}, "layer_overhead_s": {"prefill": 1e-4, "decode": 2e-5},
+            "logit_elem_s": 1e-9, "score_elem_s": {"prefill": 5e-9, "decode": 8e-9}}
+HOST = {"name": "cpu-host", "peak_flops": 2e11, "hbm_bytes": 24 * GiB, "hbm_bw": 2.5e10, "link_bw": 1e10,
+        "topology": "switch", "switch_domain": 1, "vendor_peaks": [], "flops_efficiency": 1.0, "hbm_efficiency": 1.0}
+
+
+def test_matmul_curve_interpolates_in_log_m():
+    c = chip_from_dict({**HOST, **MEASURED})
+    assert c.matmul_rate("f32", 2) == pytest.approx(2.5e10)  # halfway between M=1 and 4 in log M (linear M: 2e10)
+    assert c.matmul_rate("f32", 16) == pytest.approx(4e10 + (2e11 - 4e10) / 2)  # 16 is halfway from 4 to 64
+    assert c.matmul_rate("f32", 4) == 4e10
+    assert c.matmul_rate("f32", 0.5) == 1e10 and c.matmul_rate("f32", 1e6) == 2e11  # clamped to the ends
+    assert c.matmul_rate("int8", 8) == pytest.approx(2e10 + (1e11 - 2e10) / 2)
+    assert c.matmul_rate("bf16", 8) == c.flops_for("bf16") == 2e11  # no curve: the flat rate
+    assert CHIPS["tpu-v4"].matmul_rate("bf16", 1) == CHIPS["tpu-v4"].flops  # presets: the paper's rate
+    assert c.overhead_s("prefill", 30) == pytest.approx(0.03 + 30 * 1e-4)
+    assert c.overhead_s("decode", 2) == pytest.approx(0.001 + 2 * 2e-5)
+    assert CHIPS["h100-sxm"].overhead_s("decode", 80) == 0
+
+
+def test_measured_fields_round_trip_and_old_specs_load(tmp_path):
+    p = tmp_path / "local.json"
+    c = chip_from_dict({**HOST, **MEASURED})
+    save_chip(c, p)
+    assert load_chip(str(p)) == c
+    on_disk = json.loads(p.read_text())
+    assert on_disk["matmul_curve"]["int8"] == [[1, 2e10], [64, 1e11]] and on_disk["pass_overhead_s"]["decode"] == 0.001
+    p.write_text(json.dumps(HOST))  # a spec written before these fields existed
+    old = load_chip(str(p))
+    assert old.matmul_curve == () and old.overhead_s("prefill", 30) == 0 and old.logit_elem_s == 0
+    # a preset's JSON has none of them (what `meshlm paper` prices is unchanged)
+    assert not {"matmul_curve", "pass_overhead_s", "layer_overhead_s", "logit_elem_s", "score_elem_s"} & set(
+        CHIPS["tpu-v4"].to_dict())
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("matmul_curve", {"f32": [[4, 1e10], [1, 2e10]]}, "increasing"),
+    ("matmul_curve", {"f32": [[1, -1.0]]}, "positive"),
+    ("matmul_curve", {"f32": 3}, "matmul_curve"),
+    ("pass_overhead_s", {"train": 0.1}, "prefill/decode"),
+    ("layer_overhead_s", {"decode": -1e-3}, "layer_overhead_s"),
+    ("score_elem_s", [1, 2], "score_elem_s"),
+    ("logit_elem_s", "slow", "logit_elem_s"),
+])
+def test_malformed_measured_fields(field, value, msg):
+    with pytest.raises(MeshlmError, match=msg):
+        chip_from_dict({**HOST, field: value})

@@ -68,7 +68,7 @@ def _split_pair(pair: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _one_run(eng, ps: list[list[int]], gen_len: int) -> tuple[float, list[float]]:
+def run_once(eng, ps: list[list[int]], gen_len: int) -> tuple[float, list[float]]:
     """(prefill seconds, [seconds of each decode step]) of one whole batch; greedy, EOS ignored."""
     sp = SamplingParams(max_tokens=gen_len + 1, ignore_eos=True)
     t = time.perf_counter()
@@ -92,11 +92,11 @@ def measure(d, c: Config, repeats: int = 3, prompt_ids: list[list[int]] | None =
         raise MeshlmError(f"engine has {eng.slots} slots, config needs {c.batch}")
     ps = prompt_ids or prompts(c.batch, c.input_len, d.model.cfg.vocab)
     t = time.perf_counter()
-    first_ttft, first_steps = _one_run(eng, ps, min(2, c.gen_len))
+    first_ttft, first_steps = run_once(eng, ps, min(2, c.gen_len))
     first = time.perf_counter() - t
     ttfts, steps = [], []
     for r in range(repeats):
-        ttft, st = _one_run(eng, ps, c.gen_len if r == 0 else 0)
+        ttft, st = run_once(eng, ps, c.gen_len if r == 0 else 0)
         ttfts.append(ttft)
         steps += st
     ttft = statistics.median(ttfts)
@@ -109,15 +109,20 @@ def measure(d, c: Config, repeats: int = 3, prompt_ids: list[list[int]] | None =
 
 
 def predict(d, c: Config) -> dict:
-    """The cost model for exactly what ran: prefill of the padded (B, L) bucket; decode steps of
-    every slot over the cache of max_len positions the step attends over."""
+    """The cost model for exactly what ran (see predict_engine)."""
+    return predict_engine(d.model.cfg, d.chip, d.layouts, d.engine)
+
+
+def predict_engine(cfg, chip, layouts: dict, eng) -> dict:
+    """The cost model for what the engine `eng` last ran, with its accounting: prefill of the
+    padded (B, L) bucket projecting only each prompt's last position to logits; a decode step of
+    every slot attending over the whole cache of max_len positions (the dense cache it reads)."""
     from meshlm.costmodel import estimate
 
-    cfg, eng = d.model.cfg, d.engine
     B, L = eng.stats.prefill_shape
-    pre = estimate(cfg, d.chip, d.layouts["prefill"], "prefill", B, L, 1)
-    dec = estimate(cfg, d.chip, d.layouts["decode"], "decode", eng.slots, max(1, eng.max_len - c.gen_len), c.gen_len)
-    return {"ttft_s": pre.latency_s, "decode_s": dec.step_latency_s}
+    pre = estimate(cfg, chip, layouts["prefill"], "prefill", B, L, 1, logits="last")
+    dec = estimate(cfg, chip, layouts["decode"], "decode", eng.slots, max(1, eng.max_len - 1), 1)
+    return {"ttft_s": pre.latency_s, "decode_s": dec.step_latency_s, "prefill": pre, "decode": dec}
 
 
 def decode_bytes_per_device(d) -> float:
@@ -199,7 +204,12 @@ def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repea
                "input_len": c.input_len, "gen_len": c.gen_len, "chip": d.chip.name, **m, **utilization(d, c, m),
                "predicted_ttft_s": p["ttft_s"], "predicted_decode_s": p["decode_s"],
                "ttft_rel_err": rel_err(m["ttft_s"], p["ttft_s"]),
-               "decode_rel_err": rel_err(m["decode_p50_s"], p["decode_s"])}
+               "decode_rel_err": rel_err(m["decode_p50_s"], p["decode_s"]),
+               # the predicted terms (seconds; decode: per step) say which part of a miss is which
+               "predicted_prefill_terms": p["prefill"].breakdown,
+               "predicted_decode_terms": p["decode"].breakdown,
+               "predicted_decode_curve": decode_curve(d.model.cfg, d.chip, lay["decode"], d.engine.max_len,
+                                                      max(64, c.batch))}
         rows.append(row)
         if log:
             log(format_row(row))
@@ -227,10 +237,33 @@ def table(rows: list[dict]) -> str:
 
 
 def error_summary(rows: list[dict]) -> dict:
-    """Median and worst absolute relative error of TTFT and decode latency over all rows."""
-    errs = [abs(r[k]) for r in rows for k in ("ttft_rel_err", "decode_rel_err")]
-    return {"n": len(errs), "median_abs_rel_err": statistics.median(errs) if errs else 0.0,
-            "max_abs_rel_err": max(errs, default=0.0)}
+    """Median and worst absolute relative error of predicted latency: over every TTFT and decode
+    number (top level), and for prefill (TTFT) and decode (p50 step) separately."""
+    def stats(errs: list[float]) -> dict:
+        return {"n": len(errs), "median_abs_rel_err": statistics.median(errs) if errs else 0.0,
+                "max_abs_rel_err": max(errs, default=0.0)}
+
+    pre = [abs(r["ttft_rel_err"]) for r in rows]
+    dec = [abs(r["decode_rel_err"]) for r in rows]
+    return {**stats(pre + dec), "prefill": stats(pre), "decode": stats(dec)}
+
+
+def summary_lines(summary: dict, chip: str) -> list[str]:
+    def line(what: str, s: dict) -> str:
+        return (f"{what:8s} |relative error| over {s['n']:3d} numbers: median {s['median_abs_rel_err']:6.1%}, "
+                f"worst {s['max_abs_rel_err']:6.1%}")
+
+    return [line("prefill", summary["prefill"]), line("decode", summary["decode"]),
+            line("overall", summary) + f"  (chip spec {chip})"]
+
+
+def decode_curve(cfg, chip, layout, max_len: int, up_to: int) -> list[list[float]]:
+    """[batch, predicted seconds per decode step] at batches 1, 2, 3, 4, 6, 8, ... up to `up_to`
+    over the engine's dense cache of max_len positions: the cost model's tokens/s curve."""
+    from meshlm.costmodel import estimate
+
+    bs = sorted({b for k in range(up_to.bit_length() + 1) for b in (1 << k, 3 << k >> 1) if 1 <= b <= up_to})
+    return [[b, estimate(cfg, chip, layout, "decode", b, max(1, max_len - 1), 1).step_latency_s] for b in bs]
 
 
 def plot(rows: list[dict], path: str, chip=None) -> None:
@@ -248,7 +281,10 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
     for (w, L, dec, mesh), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["batch"])
         b = [r["batch"] for r in rs]
-        line, = ax.plot(b, [r["batch"] / r["predicted_decode_s"] for r in rs], "-", alpha=0.7)
+        # the cost model's curve over every batch (rows of one group share the cache length, so the
+        # largest batch's curve covers the others); the predicted points of the measured batches otherwise
+        curve = rs[-1].get("predicted_decode_curve") or [[r["batch"], r["predicted_decode_s"]] for r in rs]
+        line, = ax.plot([c[0] for c in curve], [c[0] / c[1] for c in curve], "-", alpha=0.7)
         ax.plot(b, [r["tokens_per_s"] for r in rs], "o", color=line.get_color(),
                 label=f"{w} L={L} {dec}@{mesh}")
         if chip is not None:
@@ -267,5 +303,6 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
     plt.close(fig)
 
 
-__all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "predict", "utilization", "configs",
-           "run", "on_prompts", "machine", "write_json", "table", "format_row", "error_summary", "plot", "decode_bytes_per_device", "rel_err"]
+__all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "predict", "predict_engine", "run_once",
+           "utilization", "configs",
+           "run", "on_prompts", "machine", "write_json", "table", "format_row", "error_summary", "summary_lines", "decode_curve", "plot", "decode_bytes_per_device", "rel_err"]

@@ -7,13 +7,21 @@ simulated devices share the cores, so a per-device number measured alone would o
 - memory bandwidth: a matrix-vector product over a weight far larger than the caches (the access
   pattern of a decode step);
 - collectives: all-gather and all-reduce over all devices at several sizes; a least-squares line
-  t = latency + bytes / bandwidth gives the link bandwidth and the per-collective latency.
+  t = latency + bytes / bandwidth gives the link bandwidth and the per-collective latency;
+- the matmul curve: achieved FLOP/s against M, the rows of the activation, for the engine's weight
+  formats (through `quant.dot_rows`, so whatever kernel the engine uses is what is timed), over a
+  chain of E x F / F x E matrices larger than the last-level cache;
+- the engine's fixed costs (`calibrate_engine`): tiny models (d_model 64) of 2 and 8 layers, two
+  vocabularies, short and long prompts, run through the real engine (prefill, decode steps); what
+  the cost model does not explain of their times is fitted as a per-pass intercept and a per-layer
+  slope per phase, seconds per sampled logit (B x V) and, for prefill, per attention score.
 
 Each number is the median of several timed runs after a warm-up (compile excluded).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -35,6 +43,7 @@ class Calibration:
     mem_bw: float = 0.0  # bytes/s per device
     collective_bw: float = 0.0  # bytes/s per device (all-gather output bytes per second)
     collective_latency_s: float = 0.0
+    matmul_curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # format -> [(M, FLOP/s)]
     samples: dict[str, list] = field(default_factory=dict)
 
 
@@ -114,6 +123,54 @@ def measure_collectives(mesh, n: int, sizes_bytes: list[int]) -> tuple[float, fl
     return bw, max(float(icpt), 0.0), samples
 
 
+CURVE_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+CURVE_M_QUICK = (1, 8, 64, 512)
+CURVE_E, CURVE_F = 1024, 4096
+
+
+def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes: int, shape=(CURVE_E, CURVE_F),
+                         log=print) -> list[tuple[int, float]]:
+    """[(M, FLOP/s per device)]: x [M, E] through pairs W_in [E, F], W_out [F, E] (an MLP chain
+    without the activation), weights stored as `weights` (f32, bf16 or int8), multiplied by
+    `quant.dot_rows` in the compute dtype, every device at once. The chain holds min_bytes of
+    weights per device (more than the last-level cache, so small M pays the weight streaming as a
+    decode step does); from M = 256 up one pair suffices (compute-bound: the weight is reused by
+    every row) and keeps the calibration short."""
+    E, F = shape
+    dt = jnp.dtype({"f32": "float32"}.get(compute, compute))
+    wbytes = {"int8": 1}.get(weights, jnp.dtype({"f32": "float32"}.get(weights, weights)).itemsize)
+    full = max(1, math.ceil(min_bytes / (2 * E * F * wbytes)))
+    rng = np.random.default_rng(0)
+
+    def stored(rows, cols):
+        w = rng.standard_normal((n, rows, cols), np.float32) / np.sqrt(rows)
+        if weights != "int8":
+            return _put(mesh, jnp.asarray(w.reshape(n * rows, cols), dtype=weights if weights != "f32" else "float32")), None
+        q = quant.quantize(w, axis=-1)
+        return _put(mesh, jnp.asarray(q["q"].reshape(n * rows, cols))), jnp.asarray(q["s"])
+
+    mats = [stored(E, F) if i % 2 == 0 else stored(F, E) for i in range(2 * full)]
+    out = []
+    for m in ms:
+        k = full if m < 256 else 1
+        ws = [w for w, _ in mats[:2 * k]]
+        scales = [s for _, s in mats[:2 * k]]
+
+        def body(x, *ws):
+            for w, s in zip(ws, scales):
+                x = quant.dot_rows(x, w, dt)
+                if s is not None:
+                    x = x * s.astype(dt)  # per output column, as the engine applies it
+            return x
+
+        x = _put(mesh, jnp.asarray(rng.standard_normal((n * m, E), np.float32), dtype=dt))
+        f = _per_device(mesh, body, x, *ws)
+        t = _time(f, x, *ws, repeats=7 if m < 256 else 3)
+        out.append((m, 4.0 * m * E * F * k / t))
+    log(f"  {weights}: " + ", ".join(f"M={m} {r / 1e9:.0f}" for m, r in out) + " GFLOP/s")
+    return out
+
+
 def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -133,6 +190,14 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
         sizes = [2**k for k in (range(12, 22, 3) if quick else range(12, 25, 2))]
         log(f"all-gather over {n} devices, {len(sizes)} sizes ...")
         cal.collective_bw, cal.collective_latency_s, cal.samples["all_gather"] = measure_collectives(mesh, n, sizes)
+    compute = "f32" if on_cpu else "bf16"
+    min_bytes = ((64 << 20) // n if on_cpu else 512 << 20) if not quick else 4 << 20
+    shape = (256, 1024) if quick else (CURVE_E, CURVE_F)
+    log(f"matmul curve: [M, {shape[0]}] x chained {shape[0]}x{shape[1]} weights, M in "
+        f"{list(CURVE_M_QUICK if quick else CURVE_M)} ...")
+    for w in (compute, "int8"):
+        cal.matmul_curve[w] = measure_matmul_curve(mesh, n, w, compute, CURVE_M_QUICK if quick else CURVE_M,
+                                                   min_bytes, shape, log)
     return cal
 
 
@@ -166,6 +231,7 @@ def to_chip_dict(cal: Calibration, compute_dtype: str) -> dict:
         "vendor_peaks": [],
         "act_bytes": 4 if on_cpu else 2,  # the engine computes (and caches K/V) in f32 on CPU
         "weight_flops": [[d, v] for d, v in cal.matmul_flops.items() if d != compute_dtype],
+        "matmul_curve": {w: [[m, r] for m, r in pts] for w, pts in cal.matmul_curve.items()},
         "source": f"meshlm calibrate: {k} x {cal.device_kind} ({cal.platform}), compute dtype {compute_dtype}, "
                   f"matmul FLOP/s per dtype {({d: round(v / 1e9, 2) for d, v in cal.matmul_flops.items()})} G",
     }
@@ -175,3 +241,122 @@ def to_chip_dict(cal: Calibration, compute_dtype: str) -> dict:
 def _device_memory() -> float:
     stats = jax.devices()[0].memory_stats() or {}
     return float(stats.get("bytes_limit", 0)) or 16 * 2**30
+
+
+# ---- the engine's fixed costs ----------------------------------------------------------------------
+# (n_layers, vocab, batch, prompt length) of the tiny models timed through the engine: two depths
+# (per-layer slope), two vocabularies and batches (sampling over B x V), short and long prompts
+# (the L x L attention scores of prefill). d_model 64 keeps every weight in cache, so what the cost
+# model's rates do not explain is the engine's overhead.
+ENGINE_RUNS = ((2, 512, 1, 16), (8, 512, 1, 16), (2, 32768, 1, 16), (2, 32768, 8, 16), (2, 512, 1, 1024),
+               (8, 512, 2, 512))
+ENGINE_RUNS_QUICK = ((2, 512, 1, 16), (8, 512, 1, 16), (2, 4096, 4, 128))
+# (field, phase) of every fitted coefficient: a unit value of each gives its regressor
+OVERHEAD_TERMS = (("pass_overhead_s", "prefill"), ("layer_overhead_s", "prefill"), ("score_elem_s", "prefill"),
+                  ("pass_overhead_s", "decode"), ("layer_overhead_s", "decode"), ("score_elem_s", "decode"),
+                  ("logit_elem_s", None))
+
+
+def tiny_config(n_layers: int, vocab: int, max_len: int):
+    from meshlm.config import ModelConfig
+
+    return ModelConfig(name=f"calibration-{n_layers}x{vocab}", n_layers=n_layers, d_model=64, d_ff=128, n_heads=4,
+                       n_kv_heads=2, d_head=16, vocab=vocab, max_seq_len=max_len)
+
+
+def _with_terms(chip, values: dict):
+    """`chip` with the overhead coefficients `values` ({(field, phase): seconds}) and no others."""
+    import dataclasses
+
+    fields = {"pass_overhead_s": (), "layer_overhead_s": (), "logit_elem_s": 0.0, "score_elem_s": ()}
+    for (f, phase), v in values.items():
+        fields[f] = fields[f] + ((phase, v),) if phase else v
+    return dataclasses.replace(chip, **fields)
+
+
+def engine_samples(chip, devices=None, quick: bool = False, log=print) -> list[dict]:
+    """Prefill and decode seconds of the tiny models of ENGINE_RUNS through the real engine, with
+    what the cost model predicts for them on `chip` without overheads, and the regressors (the
+    prediction's change for a unit value of each term of OVERHEAD_TERMS)."""
+    from meshlm import reference
+    from meshlm.bench import predict_engine, prompts, run_once
+    from meshlm.deploy import ShardedBackend
+    from meshlm.engine import Engine
+    from meshlm.layouts import Layout, MeshShape
+    from meshlm.sharded import ShardedModel
+
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = MeshShape(1, 1, len(devices))
+    weights = "f32" if devices[0].platform == "cpu" else "bf16"
+    lay = Layout("ws2d", "heads", weights, mesh)
+    layouts = {"prefill": lay, "decode": lay}
+    steps, repeats = (3, 2) if quick else (8, 7)
+    base_chip = _with_terms(chip, {})
+    out = []
+    for Y, V, B, L in ENGINE_RUNS_QUICK if quick else ENGINE_RUNS:
+        cfg = tiny_config(Y, V, L + steps + 2)
+        sm = ShardedModel(cfg, mesh, devices)
+        params = sm.shard_params(reference.init_params(cfg, jax.random.key(0)), weights=weights)
+        eng = Engine(ShardedBackend(sm, lay, params), params, slots=B, max_len=L + steps + 2)
+        ps = prompts(B, L, V)
+        run_once(eng, ps, 2)  # compiles prefill, insert and decode
+        ttfts, dec = [], []
+        for r in range(repeats):
+            t, st = run_once(eng, ps, steps if r == 0 else 0)
+            ttfts.append(t)
+            dec += st
+        measured = {"prefill": statistics.median(ttfts), "decode": statistics.median(dec)}
+        base = predict_engine(cfg, base_chip, layouts, eng)
+        units = [predict_engine(cfg, _with_terms(chip, {t: 1.0}), layouts, eng) for t in OVERHEAD_TERMS]
+        for phase, key in (("prefill", "ttft_s"), ("decode", "decode_s")):
+            out.append({"phase": phase, "n_layers": Y, "vocab": V, "batch": B, "input_len": L,
+                        "measured_s": measured[phase], "base_s": base[key],
+                        "regressors": [u[key] - base[key] for u in units]})
+        log(f"  engine {Y} layers, V={V}, B={B}, L={L}: prefill {measured['prefill'] * 1e3:.2f} ms, "
+            f"decode {measured['decode'] * 1e3:.2f} ms/step")
+    return out
+
+
+def fit_overheads(samples: list[dict]) -> dict:
+    """Non-negative least squares of (measured - base) on the regressors, each sample weighted by
+    1/measured (relative error, so the long prefills do not drown the short decode steps).
+    Returns {(field, phase): seconds} for OVERHEAD_TERMS."""
+    A = np.array([s["regressors"] for s in samples], float)
+    r = np.array([s["measured_s"] - s["base_s"] for s in samples], float)
+    w = 1.0 / np.array([s["measured_s"] for s in samples], float)
+    A, r = A * w[:, None], r * w
+    free = [j for j in range(A.shape[1]) if np.any(A[:, j])]  # a term no sample exercises stays 0
+    coef = np.zeros(A.shape[1])
+    while free:  # active set: drop the most negative coefficient and refit until none is negative
+        c, *_ = np.linalg.lstsq(A[:, free], r, rcond=None)
+        if (c >= 0).all():
+            coef[free] = c
+            break
+        free.pop(int(np.argmin(c)))
+    return {t: float(v) for t, v in zip(OVERHEAD_TERMS, coef)}
+
+
+def overhead_fields(terms: dict) -> dict:
+    """{(field, phase): seconds} -> the ChipSpec JSON fields."""
+    out: dict = {"pass_overhead_s": {}, "layer_overhead_s": {}, "score_elem_s": {}}
+    for (f, phase), v in terms.items():
+        if phase:
+            out[f][phase] = v
+        else:
+            out[f] = v
+    return out
+
+
+def calibrate_engine(spec: dict, devices=None, quick: bool = False, log=print) -> tuple[dict, list[dict]]:
+    """The overhead fields of `spec` (a measured chip dict) fitted on engine_samples, and the
+    samples with their fitted predictions (`fitted_s`)."""
+    from meshlm.hardware import chip_from_dict
+
+    chip = chip_from_dict(spec, where="measured spec")
+    log(f"engine fixed costs: {len(ENGINE_RUNS_QUICK if quick else ENGINE_RUNS)} tiny models (d_model 64) ...")
+    samples = engine_samples(chip, devices, quick, log)
+    terms = fit_overheads(samples)
+    coef = np.array([terms[t] for t in OVERHEAD_TERMS])
+    for s in samples:
+        s["fitted_s"] = s["base_s"] + float(np.dot(s["regressors"], coef))
+    return overhead_fields(terms), samples

@@ -97,6 +97,8 @@ class PassCost:
     comm_bw_s: float  # exposed bandwidth term of the collectives (see forward_pass)
     comm_latency_s: float  # ring-step latency term of every collective
     comm_bytes: float  # bytes this chip sends per pass (sum of collective buffers)
+    score_mem_s: float = 0.0  # measured cost of the materialised L x S attention scores (calibrated chips)
+    overhead_s: float = 0.0  # measured fixed costs: per pass, per layer, sampling over V (calibrated chips)
 
     @property
     def compute_s(self) -> float:
@@ -104,7 +106,7 @@ class PassCost:
 
     @property
     def memory_s(self) -> float:
-        return self.weight_mem_s + self.kv_mem_s
+        return self.weight_mem_s + self.kv_mem_s + self.score_mem_s
 
     @property
     def communication_s(self) -> float:
@@ -112,7 +114,8 @@ class PassCost:
 
     @property
     def total_s(self) -> float:
-        return max(self.matmul_s, self.weight_mem_s) + max(self.attn_s, self.kv_mem_s) + self.communication_s
+        return (max(self.matmul_s, self.weight_mem_s) + max(self.attn_s, self.kv_mem_s) + self.score_mem_s
+                + self.communication_s + self.overhead_s)
 
     def scaled(self, k: float) -> "PassCost":
         return PassCost(*(getattr(self, f) * k for f in self.__dataclass_fields__))
@@ -245,15 +248,33 @@ def weight_read_bytes(cfg: ModelConfig, layout: Layout) -> float:
     return stored * layout.mesh.size(layout.plan.weight_gather)
 
 
+LOGITS = ("all", "last")  # prefill's output projection: every position (the paper's 2N per token) or the last
+
+
 def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch: int, q_len: int,
-                 kv_len: float, kv_bytes_dev: float) -> PassCost:
+                 kv_len: float, kv_bytes_dev: float, logits: str = "all") -> PassCost:
     """Cost of one forward pass of `q_len` tokens per sequence against `kv_len` cached ones
-    (kv_bytes_dev: the KV bytes this chip reads, from comm.kv_cache_bytes_per_device)."""
+    (kv_bytes_dev: the KV bytes this chip reads, from comm.kv_cache_bytes_per_device).
+    logits="last": the V x E output projection multiplies one position per sequence, as the
+    engine's prefill does (decode has one position either way)."""
+    if logits not in LOGITS:
+        raise MeshlmError(f"logits must be one of {LOGITS}, got {logits!r}")
     n = layout.mesh.n
-    tokens = served_batch(batch, layout) * q_len
+    b_served = served_batch(batch, layout)
+    tokens = b_served * q_len
     h_served, _ = served_heads(cfg, layout.mesh)
-    flops = chip.flops_for(layout.weights)  # weight matmuls at the weight format's rate
-    matmul = 2.0 * matmul_params(cfg, h_served) * tokens / n / flops
+    # Rows of each chip's matmuls (weight-gathered layouts keep the batch split) price them on a
+    # calibrated chip's measured FLOP/s-vs-M curve; without a curve the rate is flops_for(weights).
+    split = layout.mesh.size(layout.plan.batch_axes)
+    n_mm = matmul_params(cfg, h_served)
+    logit_tokens = b_served if logits == "last" else tokens
+    rate = chip.matmul_rate(layout.weights, tokens / split)
+    if logit_tokens == tokens and not chip.matmul_curve:
+        matmul = 2.0 * n_mm * tokens / n / rate  # the paper's 2N per token
+    else:
+        n_out = cfg.vocab * cfg.d_model
+        matmul = 2.0 * ((n_mm - n_out) * tokens / rate
+                        + n_out * logit_tokens / chip.matmul_rate(layout.weights, logit_tokens / split)) / n
     # Q.K and P.V: 2 FLOPs x 2 einsums per (token, cached position, head, head dim); every layout
     # splits (padded) heads x sequences over all n chips.
     attn = 4.0 * tokens * kv_len * h_served * cfg.d_head * cfg.n_layers / n / chip.flops  # activations only
@@ -263,7 +284,12 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     # Weight gathers hide under the matmuls (prefetched a layer ahead, §3.5); what is left over,
     # activation collectives (on the critical path) and ring-step latencies are exposed.
     exposed = act_s + max(0.0, w_s - matmul)
-    return PassCost(matmul, attn, wmem, kvmem, exposed, lat_s, nbytes)
+    # Calibrated chips only (0 on presets): the score tensor [B, H, L, S] of every layer is
+    # materialised (and masked, softmaxed) at a measured cost per score, and every pass has fixed
+    # costs plus sampling over the B x V logits.
+    scores = dict(chip.score_elem_s).get(phase, 0.0) * tokens * kv_len * h_served * cfg.n_layers / n
+    overhead = chip.overhead_s(phase, cfg.n_layers) + chip.logit_elem_s * b_served * cfg.vocab
+    return PassCost(matmul, attn, wmem, kvmem, exposed, lat_s, nbytes, scores, overhead)
 
 
 def memory_per_chip(cfg: ModelConfig, layout: Layout, phase: str, batch: int, input_len: int,
@@ -292,9 +318,11 @@ def memory_per_chip(cfg: ModelConfig, layout: Layout, phase: str, batch: int, in
 
 # ---- the public entry point ----------------------------------------------------------------------
 def estimate(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch: int, input_len: int,
-             gen_len: int) -> Estimate:
+             gen_len: int, logits: str = "all") -> Estimate:
     """Predict one phase: prefill of batch x input_len tokens, or gen_len decode steps whose
-    context grows from input_len + 1 to input_len + gen_len."""
+    context grows from input_len + 1 to input_len + gen_len. logits: "all" prices prefill's
+    output projection for every position (the paper's accounting), "last" for the last one only
+    (what meshlm's engine runs)."""
     if phase not in PHASES:
         raise MeshlmError(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
     for what, v in (("batch", batch), ("input length", input_len), ("generated length", gen_len)):
@@ -303,7 +331,7 @@ def estimate(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch
     n = layout.mesh.n
     if phase == "prefill":
         kv_dev = kv_bytes(cfg, layout, batch, input_len, chip.act_bytes)
-        step = forward_pass(cfg, chip, layout, phase, batch, input_len, input_len, kv_dev)
+        step = forward_pass(cfg, chip, layout, phase, batch, input_len, input_len, kv_dev, logits)
         steps, tokens = 1, batch * input_len
     else:
         # Every term is affine in the context length, so the sum over the gen_len steps equals
@@ -320,7 +348,8 @@ def estimate(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch
     ph = step.scaled(steps)
     breakdown = {"compute": ph.compute_s, "memory": ph.memory_s, "communication": ph.communication_s,
                  "matmul": ph.matmul_s, "attention": ph.attn_s, "weight_load": ph.weight_mem_s,
-                 "kv_load": ph.kv_mem_s, "comm_bandwidth": ph.comm_bw_s, "comm_latency": ph.comm_latency_s}
+                 "kv_load": ph.kv_mem_s, "score_load": ph.score_mem_s, "comm_bandwidth": ph.comm_bw_s,
+                 "comm_latency": ph.comm_latency_s, "overhead": ph.overhead_s}
     return Estimate(model=cfg.name, chip=chip.name, phase=phase, batch=batch, input_len=input_len,
                     gen_len=gen_len, layout=layout, latency_s=latency, step_latency_s=latency / steps, mfu=mfu,
                     cost_chip_ms_per_token=1e3 * n * latency / tokens, memory_per_chip_bytes=total_mem,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,16 @@ class ChipSpec:
     # matmul FLOP/s per weight format where it differs from peak_flops, e.g. (("int8", 9e10),):
     # the CPU int8 path dequantizes blocks and multiplies in f32, at its own measured rate
     weight_flops: tuple[tuple[str, float], ...] = ()
+    # ---- what the engine costs on this chip, measured (absent from presets: the paper's model) ---
+    # achieved matmul FLOP/s per device against M, the rows of the activation, per weight format,
+    # e.g. (("f32", ((1, 1.5e10), (4, 6e10), ..., (4096, 3.9e11))),): measured with weights larger
+    # than the last-level cache, so small M includes the weight streaming (docs/costmodel.md)
+    matmul_curve: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
+    pass_overhead_s: tuple[tuple[str, float], ...] = ()  # per phase: fixed seconds of one engine pass
+    layer_overhead_s: tuple[tuple[str, float], ...] = ()  # per phase: fixed seconds per layer per pass
+    logit_elem_s: float = 0.0  # seconds per sampled logit (B x V per pass): argmax/sampling over V
+    # per phase: seconds per attention score (B H L S per layer) beyond its FLOPs and the KV read
+    score_elem_s: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
@@ -69,6 +80,18 @@ class ChipSpec:
                 raise MeshlmError(f"chip {self.name!r}: weight_flops[{fmt!r}] must be a positive number, got {v!r}")
         if self.hop_latency_s < 0:
             raise MeshlmError(f"chip {self.name!r}: hop_latency_s must be >= 0")
+        for fmt, pts in self.matmul_curve:
+            ms = [m for m, _ in pts]
+            if not pts or ms != sorted(set(ms)) or any(not _positive(v) or not _positive(m) for m, v in pts):
+                raise MeshlmError(f"chip {self.name!r}: matmul_curve[{fmt!r}] must be [M, FLOP/s] pairs with "
+                                  f"increasing positive M and positive FLOP/s")
+        for what in ("pass_overhead_s", "layer_overhead_s", "score_elem_s"):
+            for phase, v in getattr(self, what):
+                if phase not in ("prefill", "decode") or not _nonnegative(v):
+                    raise MeshlmError(f"chip {self.name!r}: {what} maps prefill/decode to seconds >= 0, "
+                                      f"got {phase!r}: {v!r}")
+        if not _nonnegative(self.logit_elem_s):
+            raise MeshlmError(f"chip {self.name!r}: logit_elem_s must be a number >= 0")
         if self.topology.endswith("torus") and self.torus_dims != int(self.topology[0]):
             raise MeshlmError(f"chip {self.name!r}: a {self.topology} has torus_dims {self.topology[0]}")
         if self.topology in ("nvlink-switch", "switch") and self.switch_domain < 1:
@@ -82,6 +105,27 @@ class ChipSpec:
     def flops_for(self, weights: str) -> float:
         """Achievable matmul FLOP/s with weights stored as `weights` (f32, bf16, int8)."""
         return dict(self.weight_flops).get(weights, self.peak_flops) * self.flops_efficiency
+
+    def matmul_rate(self, weights: str, m: float) -> float:
+        """Achievable FLOP/s of a matmul whose activation has m rows, weights stored as `weights`:
+        the measured curve interpolated linearly in log M (clamped to its ends) when the spec has
+        one for this format, else flops_for(weights) whatever m is (the paper's model)."""
+        pts = dict(self.matmul_curve).get(weights)
+        if not pts:
+            return self.flops_for(weights)
+        if m <= pts[0][0]:
+            return pts[0][1] * self.flops_efficiency
+        if m >= pts[-1][0]:
+            return pts[-1][1] * self.flops_efficiency
+        for (m0, r0), (m1, r1) in zip(pts, pts[1:]):
+            if m <= m1:
+                f = (math.log(m) - math.log(m0)) / (math.log(m1) - math.log(m0))
+                return (r0 + f * (r1 - r0)) * self.flops_efficiency
+        raise AssertionError("unreachable: m is within the curve")
+
+    def overhead_s(self, phase: str, n_layers: int) -> float:
+        """Measured fixed seconds of one engine pass of `phase` with n_layers layers (0 for presets)."""
+        return dict(self.pass_overhead_s).get(phase, 0.0) + n_layers * dict(self.layer_overhead_s).get(phase, 0.0)
 
     @property
     def mem_bw(self) -> float:
@@ -145,7 +189,26 @@ class ChipSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["vendor_peaks"] = list(self.vendor_peaks)
+        d["weight_flops"] = [list(p) for p in self.weight_flops]
+        # the measured fields are written only when present: a preset's JSON stays what it was
+        for f, empty in (("matmul_curve", ()), ("pass_overhead_s", ()), ("layer_overhead_s", ()),
+                         ("logit_elem_s", 0.0), ("score_elem_s", ())):
+            if getattr(self, f) == empty:
+                del d[f]
+        if self.matmul_curve:
+            d["matmul_curve"] = {fmt: [list(p) for p in pts] for fmt, pts in self.matmul_curve}
+        for f in ("pass_overhead_s", "layer_overhead_s", "score_elem_s"):
+            if getattr(self, f):
+                d[f] = dict(getattr(self, f))
         return d
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _nonnegative(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
 
 
 # ---- presets -------------------------------------------------------------------------------------
@@ -192,18 +255,35 @@ def chip_from_dict(d: Any, where: str = "chip spec") -> ChipSpec:
     if "vendor_peaks" in d:
         d["vendor_peaks"] = tuple(d["vendor_peaks"])
     if "weight_flops" in d:
-        wf = d["weight_flops"]
-        if not isinstance(wf, (list, tuple, dict)):
-            raise MeshlmError(f"{where}: weight_flops must be a list of [format, FLOP/s] pairs")
-        items = wf.items() if isinstance(wf, dict) else wf
         try:
-            d["weight_flops"] = tuple((str(k), v) for k, v in items)
+            d["weight_flops"] = tuple((str(k), v) for k, v in _pairs(d["weight_flops"]))
         except (TypeError, ValueError):
             raise MeshlmError(f"{where}: weight_flops must be a list of [format, FLOP/s] pairs") from None
+    if "matmul_curve" in d:
+        try:
+            d["matmul_curve"] = tuple((str(fmt), tuple((int(m), v) for m, v in pts))
+                                      for fmt, pts in _pairs(d["matmul_curve"]))
+        except (TypeError, ValueError):
+            raise MeshlmError(f"{where}: matmul_curve must map a weight format to [M, FLOP/s] pairs") from None
+    for f in ("pass_overhead_s", "layer_overhead_s", "score_elem_s"):
+        if f in d:
+            try:
+                d[f] = tuple((str(k), v) for k, v in _pairs(d[f]))
+            except (TypeError, ValueError):
+                raise MeshlmError(f"{where}: {f} must map prefill/decode to seconds") from None
     try:
         return ChipSpec(**d)
     except TypeError as e:
         raise MeshlmError(f"{where}: {e}") from None
+
+
+def _pairs(v: Any):
+    """(key, value) pairs of a JSON object or of a list of two-element lists."""
+    if isinstance(v, dict):
+        return v.items()
+    if isinstance(v, (list, tuple)):
+        return [tuple(p) for p in v]
+    raise TypeError(v)
 
 
 def local_spec_path() -> Path:

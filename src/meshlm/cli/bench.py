@@ -69,8 +69,8 @@ def run(args) -> int:
     rows = bench.run(host, cfgs, n_devices=n, mesh=mesh, repeats=args.repeats,
                      log=lambda line: print(line, flush=True))
     summary = bench.error_summary(rows)
-    print(f"|relative error| of predicted latency over {summary['n']} numbers: median "
-          f"{summary['median_abs_rel_err']:.0%}, worst {summary['max_abs_rel_err']:.0%} (chip spec {rows[0]['chip']})")
+    for line in bench.summary_lines(summary, rows[0]["chip"]):
+        print(line)
     if args.json_out:
         bench.write_json(args.json_out, {**bench.machine(), "model": host.cfg.name, "gen_len": args.gen_len,
                                          "summary": summary, "rows": rows})

@@ -36,6 +36,8 @@ def run(args) -> int:
     cal = cal_mod.calibrate(quick=args.quick, log=log)
     compute = "f32" if cal.platform == "cpu" else "bf16"  # the dtype the engine computes in there
     spec = cal_mod.to_chip_dict(cal, compute)
+    fields, samples = cal_mod.calibrate_engine(spec, quick=args.quick, log=log)
+    spec.update(fields)
     chip_from_dict(spec, where="measured spec")  # the planner must accept what we write
     out = Path(args.out) if args.out else local_spec_path()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -50,5 +52,19 @@ def run(args) -> int:
         print(f"  memory       {cal.mem_bw / g:10.2f} GB/s per device")
         if cal.n_devices > 1:
             print(f"  all-gather   {cal.collective_bw / g:10.2f} GB/s per device, latency {cal.collective_latency_s * 1e6:.0f} us")
+        for w, pts in cal.matmul_curve.items():
+            print(f"  matmul {w:5s} vs M: " + ", ".join(f"{m}: {r / g:.0f}" for m, r in pts) + " GFLOP/s")
+        ms = 1e3
+        print(f"  engine overhead per pass  prefill {spec['pass_overhead_s'].get('prefill', 0) * ms:.2f} ms, "
+              f"decode {spec['pass_overhead_s'].get('decode', 0) * ms:.2f} ms")
+        print(f"  engine overhead per layer prefill {spec['layer_overhead_s'].get('prefill', 0) * ms:.3f} ms, "
+              f"decode {spec['layer_overhead_s'].get('decode', 0) * ms:.3f} ms")
+        sc = spec["score_elem_s"]
+        print(f"  sampling {spec['logit_elem_s'] * 1e9:.3f} ns per logit; attention {sc.get('prefill', 0) * 1e9:.3f} "
+              f"(prefill), {sc.get('decode', 0) * 1e9:.3f} (decode) ns per score")
+        print(f"  {'tiny model':30s} {'measured ms':>11s} {'fitted ms':>9s}")
+        for s in samples:
+            what = f"{s['phase']} Y={s['n_layers']} V={s['vocab']} B={s['batch']} L={s['input_len']}"
+            print(f"  {what:30s} {s['measured_s'] * ms:11.2f} {s['fitted_s'] * ms:9.2f}")
         print(f"wrote {out}")
     return 0
