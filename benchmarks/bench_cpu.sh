@@ -1,5 +1,5 @@
 #!/bin/sh
-# Every measurement in docs/performance.md, in order (~20 minutes on the 2-core development host).
+# Every measurement in docs/performance.md, in order (~30 minutes on the 2-core development host).
 # Writes benchmarks/results/bench_cpu_*.json, the decode plot and the two comparisons' JSON.
 # MESHLM_HOME (default ~/.cache/meshlm) decides where the calibration goes and what bench reads.
 set -e
@@ -9,7 +9,7 @@ mkdir -p $R
 uptime
 meshlm calibrate
 uptime
-meshlm bench --batch 1,4,16,64 --input-len 16,128 --gen-len 16 --quantize none,int8 --repeats 1 \
+meshlm bench --batch 1,4,16,64 --input-len 16,128,1024 --gen-len 16 --quantize none,int8 --repeats 1 \
     --json $R/bench_cpu_grid.json --plot $R/bench_cpu_decode.png
 uptime
 meshlm bench --batch 1,8 --input-len 512,1024 --gen-len 16 --quantize none --repeats 1 --json $R/bench_cpu_long.json

@@ -3,6 +3,9 @@ algebra right (t = D/link_bw * (k-1)/k + hop_latency * (k-1) on a switch of k de
 
 import json
 
+import numpy as np
+import pytest
+
 from meshlm.calibrate import Calibration, to_chip_dict
 from meshlm.cli import main
 from meshlm.hardware import chip_from_dict, load_chip
@@ -37,6 +40,12 @@ def test_cli_writes_a_loadable_spec(tmp_path, capsys):
     # sane orders of magnitude for any machine that runs this suite
     assert 1e8 < spec["peak_flops"] < 1e15 and 1e8 < spec["hbm_bw"] < 1e13
     assert "f32" in spec["source"] and "int8" in spec["source"]
+    # the measured curve (quick: 4 rows counts) for the compute dtype and the int8 path, the engine's overheads
+    assert [m for m, _ in spec["matmul_curve"]["f32"]] == [1, 8, 64, 512] and set(spec["matmul_curve"]) == {"f32", "int8"}
+    assert chip.matmul_rate("int8", 8) == spec["matmul_curve"]["int8"][1][1]
+    assert set(spec["pass_overhead_s"]) == {"prefill", "decode"} and spec["logit_elem_s"] >= 0
+    # a prefill (init_cache, jitted pass, ids to the host) costs more than nothing on any machine
+    assert chip.overhead_s("prefill", 2) > 1e-5
 
 
 def test_int8_rate_and_f32_cache_reach_the_cost_model():
@@ -58,3 +67,28 @@ def test_int8_rate_and_f32_cache_reach_the_cost_model():
     bf16_chip = chip_from_dict({**spec, "act_bytes": 2})
     d4, d2 = (estimate(cfg, c, lay("f32"), "decode", 4, 512, 8) for c in (chip, bf16_chip))
     assert d4.memory["kv_cache"] == 2 * d2.memory["kv_cache"]
+
+
+def test_fit_recovers_overheads_and_keeps_them_non_negative():
+    """fit_overheads on samples made from known coefficients gives them back; a term that would
+    fit negative is held at 0 (an overhead cannot save time)."""
+    from meshlm.calibrate import OVERHEAD_TERMS, fit_overheads, overhead_fields
+
+    rng = np.random.default_rng(1)
+    truth = np.array([0.03, 2e-4, 1e-8, 1e-4, 3e-5, 2e-8, 5e-9])
+    samples = []
+    for _ in range(12):
+        phase = rng.integers(2)
+        Y, BV, S = rng.choice([2, 8]), rng.choice([512, 262144]), rng.choice([1e3, 1e6])
+        reg = [1 - phase, (1 - phase) * Y, (1 - phase) * S * Y, phase, phase * Y, phase * S * Y, BV]
+        base = rng.uniform(1e-4, 1e-2)
+        samples.append({"measured_s": base + float(np.dot(reg, truth)), "base_s": base, "regressors": reg})
+    fit = fit_overheads(samples)
+    assert [fit[t] for t in OVERHEAD_TERMS] == pytest.approx(list(truth), rel=1e-6)
+    for s in samples:  # measured less than the cost model: nothing is added
+        s["measured_s"] = s["base_s"] * 0.9
+    assert all(v == 0 for v in fit_overheads(samples).values())
+    fields = overhead_fields(fit)
+    assert fields["pass_overhead_s"] == {"prefill": fit[("pass_overhead_s", "prefill")],
+                                         "decode": fit[("pass_overhead_s", "decode")]}
+    assert fields["logit_elem_s"] == fit[("logit_elem_s", None)]

@@ -16,6 +16,12 @@ Per forward pass, on one chip (n = X*Y*Z chips, T = B*L tokens in the pass, S = 
 i.e. a roofline per op class (weight matmuls are bound by FLOPs or by weight loading; attention by
 FLOPs or by KV loading) plus the communication that is exposed (weight gathers are prefetched
 under the matmuls).
+
+A calibrated local chip (`meshlm calibrate`; presets have none of this) adds what was measured
+there: matmuls at the FLOP/s its curve gives for their row count M, a cost per attention score,
+and the engine's fixed costs per pass, per layer and per sampled logit (docs/costmodel.md,
+"Calibrated local chips"). `logits="last"` prices prefill's output projection for the last
+position only, as meshlm's engine runs it; the default is the paper's 2N per token.
 """
 
 from __future__ import annotations
