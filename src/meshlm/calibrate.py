@@ -126,6 +126,7 @@ def measure_collectives(mesh, n: int, sizes_bytes: list[int]) -> tuple[float, fl
 CURVE_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 CURVE_M_QUICK = (1, 8, 64, 512)
 CURVE_E, CURVE_F = 1024, 4096
+_DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 
 
 def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes: int, shape=(CURVE_E, CURVE_F),
@@ -137,15 +138,16 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
     decode step does); from M = 256 up one pair suffices (compute-bound: the weight is reused by
     every row) and keeps the calibration short."""
     E, F = shape
-    dt = jnp.dtype({"f32": "float32"}.get(compute, compute))
-    wbytes = {"int8": 1}.get(weights, jnp.dtype({"f32": "float32"}.get(weights, weights)).itemsize)
+    dt = jnp.dtype(_DTYPES.get(compute, compute))
+    wbytes = 1 if weights == "int8" else jnp.dtype(_DTYPES.get(weights, weights)).itemsize
     full = max(1, math.ceil(min_bytes / (2 * E * F * wbytes)))
     rng = np.random.default_rng(0)
 
     def stored(rows, cols):
+        """(one [rows, cols] weight per device in the format, int8 scales or None)"""
         w = rng.standard_normal((n, rows, cols), np.float32) / np.sqrt(rows)
         if weights != "int8":
-            return _put(mesh, jnp.asarray(w.reshape(n * rows, cols), dtype=weights if weights != "f32" else "float32")), None
+            return _put(mesh, jnp.asarray(w.reshape(n * rows, cols), _DTYPES.get(weights, weights))), None
         q = quant.quantize(w, axis=-1)
         return _put(mesh, jnp.asarray(q["q"].reshape(n * rows, cols))), jnp.asarray(q["s"])
 
@@ -233,9 +235,17 @@ def to_chip_dict(cal: Calibration, compute_dtype: str) -> dict:
         "weight_flops": [[d, v] for d, v in cal.matmul_flops.items() if d != compute_dtype],
         "matmul_curve": {w: [[m, r] for m, r in pts] for w, pts in cal.matmul_curve.items()},
         "source": f"meshlm calibrate: {k} x {cal.device_kind} ({cal.platform}), compute dtype {compute_dtype}, "
-                  f"matmul FLOP/s per dtype {({d: round(v / 1e9, 2) for d, v in cal.matmul_flops.items()})} G",
+                  f"matmul FLOP/s per dtype {({d: round(v / 1e9, 2) for d, v in cal.matmul_flops.items()})} G, "
+                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {_loadavg()}",
     }
     return spec
+
+
+def _loadavg() -> str:
+    """The 1-minute load average (other processes sharing the host distort every rate)."""
+    import os
+
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
 
 
 def _device_memory() -> float:
@@ -247,7 +257,8 @@ def _device_memory() -> float:
 # (n_layers, vocab, batch, prompt length) of the tiny models timed through the engine: two depths
 # (per-layer slope), two vocabularies and batches (sampling over B x V), short and long prompts
 # (the L x L attention scores of prefill). d_model 64 keeps every weight in cache, so what the cost
-# model's rates do not explain is the engine's overhead.
+# model's rates do not explain is the engine's overhead. Heads are typical of real models (d_head
+# 64, two query heads per KV head): the cost per score includes the per-position K/V handling.
 ENGINE_RUNS = ((2, 512, 1, 16), (8, 512, 1, 16), (2, 32768, 1, 16), (2, 32768, 8, 16), (2, 512, 1, 1024),
                (8, 512, 2, 512))
 ENGINE_RUNS_QUICK = ((2, 512, 1, 16), (8, 512, 1, 16), (2, 4096, 4, 128))
@@ -261,7 +272,7 @@ def tiny_config(n_layers: int, vocab: int, max_len: int):
     from meshlm.config import ModelConfig
 
     return ModelConfig(name=f"calibration-{n_layers}x{vocab}", n_layers=n_layers, d_model=64, d_ff=128, n_heads=4,
-                       n_kv_heads=2, d_head=16, vocab=vocab, max_seq_len=max_len)
+                       n_kv_heads=2, d_head=64, vocab=vocab, max_seq_len=max_len)
 
 
 def _with_terms(chip, values: dict):
