@@ -2,9 +2,11 @@
 with one scale per output channel C (symmetric, absmax / 127). Activations are not quantized (as in
 the paper, §3.6): the matmul runs in f32 (CPU) or the activation dtype.
 
-On CPU the fast path (DESIGN.md, measured) dequantizes one block of ~256 rows at a time inside
-lax.scan and dots in f32, so the whole weight is never converted at once; the per-channel scale is
-applied once to the matmul output."""
+On CPU, `dot_rows` / `dot_t` call a hand-written kernel (meshlm.kernels: reads each int8 weight
+once, widens it in registers, f32 FMAs, both cores) when it is available and the number of
+activation rows M is at most KERNEL_MAX_M; otherwise, and on every other platform, the XLA path:
+dequantize one block of ~256 rows at a time inside lax.scan and dot in f32, so the whole weight is
+never converted at once. Either way the per-channel scale is applied by the caller to the output."""
 
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meshlm import kernels
+
 ROW_BLOCK = 256
+KERNEL_MAX_M = 64  # rows of x up to which the CPU kernel beats the XLA path (benchmarks/int8_kernel.py)
 
 
 def quantize(w, axis: int = -1):
@@ -46,16 +51,29 @@ def row_block(R: int) -> int | None:
     return _divisor(R, ROW_BLOCK // 2, ROW_BLOCK)
 
 
+def use_kernel(M: int) -> bool:
+    """Whether an int8 dot with M activation rows goes to the CPU kernel (on CPU)."""
+    return M <= KERNEL_MAX_M and kernels.available()
+
+
 def dot_rows(x, w, dtype):
     """x [M, R] @ w [R, C] with w int8 (unscaled) or float; result in `dtype` (f32 accumulate).
 
-    int8: per-block dequantization in a scan when R splits into blocks (CPU fast path)."""
+    int8: the CPU kernel for small M on CPU, else `xla_dot_rows`."""
     if w.dtype != jnp.int8:
         return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    if x.ndim == 2 and use_kernel(x.shape[0]):
+        return jax.lax.platform_dependent(x, w, cpu=kernels.int8_matmul, default=xla_dot_rows).astype(dtype)
+    return xla_dot_rows(x, w).astype(dtype)
+
+
+def xla_dot_rows(x, w):
+    """f32 x [M, R] @ w [R, C] (int8) in plain XLA: per-block dequantization in a scan when R splits
+    into blocks, so the whole weight is never converted at once."""
     R = w.shape[0]
     blk = row_block(R)
     if blk is None:
-        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)).astype(dtype)
+        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
     nb = R // blk
     xb = x.astype(jnp.float32).reshape(x.shape[0], nb, blk).transpose(1, 0, 2)
     wb = w.reshape(nb, blk, w.shape[1])
@@ -65,7 +83,7 @@ def dot_rows(x, w, dtype):
         return acc + jnp.dot(xi, wi.astype(jnp.float32)), None
 
     acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], w.shape[1]), jnp.float32), (xb, wb))
-    return acc.astype(dtype)
+    return acc
 
 
 def _divisor(n: int, lo: int, hi: int) -> int | None:
@@ -78,22 +96,30 @@ COL_CHUNK = 1024  # rows of a transposed int8 weight dequantized at once: 1024 x
 def dot_t(x, wt, dtype):
     """x [M, R] @ wt.T with wt [C, R] (the tied embedding [V, E] as the output projection).
 
-    int8: a scan over chunks of ~COL_CHUNK rows of wt, each dequantized and multiplied while it
-    is still in cache (dequantizing all of a [V, E] table at once costs ~20x the int8 read)."""
+    int8: the CPU kernel for small M on CPU, else `xla_dot_t`."""
     if wt.dtype != jnp.int8:  # contract E of both as stored ('ME,CE->MC'): no transposed copy of the table
         return jax.lax.dot_general(x.astype(dtype), wt.astype(dtype), (((1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32).astype(dtype)
+    if x.ndim == 2 and use_kernel(x.shape[0]):
+        return jax.lax.platform_dependent(x, wt, cpu=kernels.int8_matmul_t, default=xla_dot_t).astype(dtype)
+    return xla_dot_t(x, wt).astype(dtype)
+
+
+def xla_dot_t(x, wt):
+    """f32 x [M, R] @ wt.T (wt int8 [C, R]) in plain XLA: a scan over chunks of ~COL_CHUNK rows of
+    wt, each dequantized and multiplied while it is still in cache (dequantizing all of a [V, E]
+    table at once costs ~20x the int8 read)."""
     C, R = wt.shape
     cs = _divisor(C, COL_CHUNK // 4, COL_CHUNK) if C > COL_CHUNK else None
     xf = x.astype(jnp.float32)
     if cs is None:
-        return jnp.dot(xf, wt.astype(jnp.float32).T).astype(dtype)
+        return jnp.dot(xf, wt.astype(jnp.float32).T)
 
     def step(_, wc):
         return None, jnp.dot(xf, wc.astype(jnp.float32).T)  # [M, cs]
 
     _, out = jax.lax.scan(step, None, wt.reshape(C // cs, cs, R))
-    return out.transpose(1, 0, 2).reshape(x.shape[0], C).astype(dtype)
+    return out.transpose(1, 0, 2).reshape(x.shape[0], C)
 
 
 def _fake(w, axis: int):
