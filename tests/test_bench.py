@@ -41,7 +41,7 @@ def test_cli_rows_json_and_plot(model_dir, tmp_path, capsys):
         assert 0 < r["decode_mbu"] and 0 < r["prefill_mfu"] and r["compile_s"] >= 0
     errs = sorted(abs(r[k]) for r in rows for k in ("ttft_rel_err", "decode_rel_err"))
     summary = data["summary"]
-    assert summary["max_abs_rel_err"] == pytest.approx(errs[-1]) and summary["n"] == 16
+    assert summary["max_abs_rel_err"] == pytest.approx(errs[-1]) and summary["n"] == 16 and data["complete"]
     assert summary["prefill"]["max_abs_rel_err"] == pytest.approx(max(abs(r["ttft_rel_err"]) for r in rows))
     dec = sorted(abs(r["decode_rel_err"]) for r in rows)
     assert summary["decode"]["median_abs_rel_err"] == pytest.approx((dec[3] + dec[4]) / 2)

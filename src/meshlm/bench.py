@@ -172,14 +172,15 @@ def machine() -> dict:
             "loadavg_1m": os.getloadavg()[0]}
 
 
-def write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict, quiet: bool = False) -> None:
     import json
     import os
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def rel_err(measured: float, predicted: float) -> float:
@@ -191,8 +192,12 @@ def configs(pairs: list[str], weights: list[str | None], batches: list[int], inp
     return [Config(p, w, b, L, gen_len) for p in pairs for w in weights for b in batches for L in input_lens]
 
 
-def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repeats: int = 3, log=None) -> list[dict]:
-    """Deploy and measure every config; one row per config (measured, predicted, errors, layouts)."""
+def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repeats: int = 3, log=None,
+        on_row=None) -> list[dict]:
+    """Deploy and measure every config; one row per config (measured, predicted, errors, layouts,
+    the host's load average after it). on_row(rows so far) after each (e.g. to save partial results)."""
+    import os
+
     rows = []
     for c in cfgs:
         d = deploy_config(host, c, n_devices, mesh)
@@ -209,10 +214,13 @@ def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repea
                "predicted_prefill_terms": p["prefill"].breakdown,
                "predicted_decode_terms": p["decode"].breakdown,
                "predicted_decode_curve": decode_curve(d.model.cfg, d.chip, lay["decode"], d.engine.max_len,
-                                                      max(64, c.batch))}
+                                                      max(64, c.batch)),
+               "loadavg_1m": os.getloadavg()[0]}
         rows.append(row)
         if log:
             log(format_row(row))
+        if on_row:
+            on_row(rows)
         del d
     return rows
 
@@ -303,6 +311,6 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
     plt.close(fig)
 
 
-__all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "predict", "predict_engine", "run_once",
-           "utilization", "configs",
-           "run", "on_prompts", "machine", "write_json", "table", "format_row", "error_summary", "summary_lines", "decode_curve", "plot", "decode_bytes_per_device", "rel_err"]
+__all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "run_once", "predict", "predict_engine",
+           "utilization", "decode_bytes_per_device", "configs", "run", "on_prompts", "machine", "write_json",
+           "table", "format_row", "rel_err", "error_summary", "summary_lines", "decode_curve", "plot"]

@@ -66,14 +66,19 @@ def run(args) -> int:
     print(f"{host.cfg.name} on {n or len(jax.devices())} x {dev.device_kind} ({dev.platform}); "
           f"gen {args.gen_len} tokens, greedy; times in ms", flush=True)
     print(bench.HEADER, flush=True)
+    def save(rows: list[dict], complete: bool = False) -> None:
+        """Every row so far (a long grid killed midway keeps what it measured)."""
+        if args.json_out:
+            bench.write_json(args.json_out, {**bench.machine(), "model": host.cfg.name, "gen_len": args.gen_len,
+                                             "complete": complete, "summary": bench.error_summary(rows),
+                                             "rows": rows}, quiet=not complete)
+
     rows = bench.run(host, cfgs, n_devices=n, mesh=mesh, repeats=args.repeats,
-                     log=lambda line: print(line, flush=True))
+                     log=lambda line: print(line, flush=True), on_row=save)
     summary = bench.error_summary(rows)
     for line in bench.summary_lines(summary, rows[0]["chip"]):
         print(line)
-    if args.json_out:
-        bench.write_json(args.json_out, {**bench.machine(), "model": host.cfg.name, "gen_len": args.gen_len,
-                                         "summary": summary, "rows": rows})
+    save(rows, complete=True)
     if args.plot:
         from meshlm.deploy import local_chip
 
