@@ -28,6 +28,7 @@ from meshlm.engine import Engine, TextGenerator
 from meshlm.errors import MeshlmError
 from meshlm.hardware import CHIPS, ChipSpec, load_chip, local_spec_path
 from meshlm.layouts import Layout, MeshShape, parse_phase_layout
+from meshlm.paths import enable_compile_cache
 from meshlm.planner import best_layout
 from meshlm.sharded import ShardedModel
 
@@ -138,6 +139,7 @@ def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshSh
     loaded with host (numpy) leaves, reused instead of reading `model` again (kept intact)."""
     if quantize not in (None, "int8"):
         raise MeshlmError(f"--quantize supports only int8, got {quantize!r}")
+    enable_compile_cache()
     avail = len(jax.devices())
     n = mesh.n if mesh else (n_devices or avail)
     if n_devices and mesh and mesh.n != n_devices:

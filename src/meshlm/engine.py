@@ -221,10 +221,12 @@ class Engine:
 
 
 def _insert_fn(cache, pre_cache, index, slot):
-    """cache[:, slot, :L] <- pre_cache[:, index] for every cache array (L: the prefill bucket)."""
+    """cache[.., slot, :L] <- pre_cache[.., index] for every cache array [.., B, S, K, D] (a stacked
+    [Y, B, S, K, D] or one layer's [B, S, K, D]; L: the prefill bucket)."""
     def put(dst, src):
-        row = jax.lax.dynamic_index_in_dim(src, index, axis=1, keepdims=True)  # [Y, 1, L, K, D]
-        return jax.lax.dynamic_update_slice_in_dim(dst, row.astype(dst.dtype), slot, axis=1)
+        b = src.ndim - 4
+        row = jax.lax.dynamic_index_in_dim(src, index, axis=b, keepdims=True)  # [.., 1, L, K, D]
+        return jax.lax.dynamic_update_slice_in_dim(dst, row.astype(dst.dtype), slot, axis=b)
     return jax.tree.map(put, cache, pre_cache)
 
 

@@ -8,7 +8,8 @@ API (same semantics as meshlm.reference, see notes in docs/layouts.md):
         # each stored leaf goes straight onto its shards (host numpy -> device_put with its
         # NamedSharding); "2d" (E_x F_yz) serves ws2d and every weight-gathered layout, ws1d needs
         # "1d" (E F_xyz). sm.param_specs(params) gives the PartitionSpec of every stored leaf.
-    cache = sm.init_cache(layout, batch, max_len)      # batch padded to comm.padded_batch
+    cache = sm.init_cache(layout, batch, max_len)      # {"k", "v"}: Y arrays [B, S, K_slots, D] each;
+        # batch padded to comm.padded_batch
     logits, cache = sm.prefill(layout, params, tokens[B, L], lengths[B], cache, all_logits=False)
         # logits [B, V] at each prompt's last position (all_logits=True: [B, L, V]), replicated f32
     logits, cache = sm.decode(layout, params, cache, tokens[B], positions[B])   # logits [B, V]
@@ -38,7 +39,7 @@ from meshlm.layouts import Layout, MeshShape
 from meshlm.mesh import make_mesh
 from meshlm.quant import is_quantized
 from meshlm.sharded_body import Body
-from meshlm.sharded_params import Geometry, build_stored, stored_specs
+from meshlm.sharded_params import Geometry, build_stored, per_layer, stored_specs
 
 
 def _spec_of(axes: str):
@@ -58,7 +59,7 @@ class ShardedModel:
         if weights not in ("f32", "bf16", "int8") or storage not in ("1d", "2d"):
             raise MeshlmError(f"weights must be f32|bf16|int8 and storage 1d|2d, got {weights!r}, {storage!r}")
         tree = build_stored(jax.tree.map(np.asarray, params), self.geo, weights, storage)
-        specs = stored_specs(self.geo, storage, weights == "int8", tree)
+        tree, specs = per_layer(tree, stored_specs(self.geo, storage, weights == "int8", tree))
         return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(self.mesh, s)), tree, specs)
 
     def param_specs(self, params):
@@ -66,9 +67,9 @@ class ShardedModel:
 
     def check_params(self, layout: Layout, params):
         u = self.geo.units[0].name
-        w = params["layers"][f"{u}_in"]
+        w = params["layers"][0][f"{u}_in"]
         w = w["q"] if is_quantized(w) else w
-        one_d = w.sharding.spec[1] is None
+        one_d = w.sharding.spec[0] is None
         if (layout.ffn == "ws1d") != one_d:
             need = "1d" if layout.ffn == "ws1d" else "2d"
             raise MeshlmError(f"layout {layout.ffn} needs params stored with storage={need!r}")
@@ -80,27 +81,44 @@ class ShardedModel:
 
     # ---- cache --------------------------------------------------------------------------------
     def cache_spec(self, layout: Layout):
+        """PartitionSpec of one layer's cache array [B, S, K_slots, D]."""
         ba, ha = comm.attention_axes(layout)
-        return P(None, _spec_of(ba), None, _spec_of(ha), None)
+        return P(_spec_of(ba), None, _spec_of(ha), None)
 
     def cache_heads(self, layout: Layout) -> int:
         return self.geo.Ks if layout.attention == "batch" else self.geo.Kx
 
     def init_cache(self, layout: Layout, batch: int, max_len: int, dtype=None):
+        """One [B, S, K_slots, D] array per layer for K and for V: a step updates each layer's
+        buffer in place (a stacked [Y, ...] cache had each layer's slice copied in and out)."""
         B = comm.padded_batch(batch, layout)
-        shape = (self.cfg.n_layers, B, max_len, self.cache_heads(layout), self.cfg.d_head)
+        shape = (B, max_len, self.cache_heads(layout), self.cfg.d_head)
         sh = NamedSharding(self.mesh, self.cache_spec(layout))
-        z = jax.jit(lambda: jnp.zeros(shape, dtype or self.act_dtype), out_shardings=sh)
-        return {"k": z(), "v": z()}
+        Y = self.cfg.n_layers
+        zeros = jax.jit(lambda: {n: tuple(jnp.zeros(shape, dtype or self.act_dtype) for _ in range(Y)) for n in "kv"},
+                        out_shardings={n: (sh,) * Y for n in "kv"})
+        return zeros()  # one dispatch for all 2Y arrays
+
+    @staticmethod
+    def cache_shape(cache) -> tuple[int, int, int, int]:
+        """(B, S, K_slots, D) of a cache (each layer's array)."""
+        return tuple(cache["k"][0].shape)
+
+    def _cache_specs(self, layout: Layout):
+        Y = self.cfg.n_layers
+        return {n: tuple(self.cache_spec(layout) for _ in range(Y)) for n in ("k", "v")}
 
     def _check_cache(self, layout: Layout, cache):
-        k = cache["k"]
+        k = cache["k"][0]
         want = NamedSharding(self.mesh, self.cache_spec(layout))
-        if k.shape[3] != self.cache_heads(layout) or not k.sharding.is_equivalent_to(want, k.ndim):
+        if len(cache["k"]) != self.cfg.n_layers or k.ndim != 4:
+            raise MeshlmError(f"the cache must hold one [B, S, K, D] array per layer ({self.cfg.n_layers}); "
+                              f"make it with init_cache")
+        if k.shape[2] != self.cache_heads(layout) or not k.sharding.is_equivalent_to(want, k.ndim):
             raise MeshlmError(f"the cache is not laid out for {layout.short} attention on {layout.mesh}; "
                               f"convert it with convert_cache")
-        if k.shape[1] % comm.batch_multiple(layout):
-            raise MeshlmError(f"cache batch {k.shape[1]} is not a multiple of {comm.batch_multiple(layout)} "
+        if k.shape[0] % comm.batch_multiple(layout):
+            raise MeshlmError(f"cache batch {k.shape[0]} is not a multiple of {comm.batch_multiple(layout)} "
                               f"needed by {layout.short}")
 
     def cache_from_reference(self, ref_cache, layout: Layout, dtype=None):
@@ -113,14 +131,15 @@ class ShardedModel:
             a = np.concatenate([a, np.zeros((a.shape[0], B - a.shape[1], *a.shape[2:]), a.dtype)], axis=1)
             pad = np.zeros_like(a[:, :, :, :1])
             a = np.concatenate([a, pad], axis=3)[:, :, :, np.where(idx < 0, a.shape[3], idx)]
-            out[n] = jax.device_put(a.astype(dtype or self.act_dtype), NamedSharding(self.mesh, self.cache_spec(layout)))
+            sh = NamedSharding(self.mesh, self.cache_spec(layout))
+            out[n] = tuple(jax.device_put(a[i].astype(dtype or self.act_dtype), sh) for i in range(a.shape[0]))
         return out
 
     def cache_to_reference(self, cache, batch: int):
         """The canonical [Y, batch, S, K, D] view of a sharded cache (numpy)."""
         out = {}
-        for n, a in cache.items():
-            a = np.asarray(a)
+        for n, layers in cache.items():
+            a = np.stack([np.asarray(x) for x in layers])
             idx = self.geo.kv_map(a.shape[3])
             first = [int(np.where(idx == h)[0][0]) for h in range(self.cfg.n_kv_heads)]
             out[n] = a[:, :batch][:, :, :, first]
@@ -128,17 +147,18 @@ class ShardedModel:
 
     def convert_cache(self, cache, to: Layout):
         """Re-lay a cache for another attention layout (select or replicate KV slots, reshard)."""
-        src = cache["k"].shape[3]
+        B, _, src, _ = self.cache_shape(cache)
         dst = self.cache_heads(to)
         sel = self.geo.kv_map(src)
         want = self.geo.kv_map(dst)
         idx = np.array([int(np.flatnonzero(sel == h)[0]) for h in want])  # padding maps to padding
-        B = cache["k"].shape[1]
         if B % comm.batch_multiple(to):
             raise MeshlmError(f"cache batch {B} does not split for {to.short}")
-        sh = NamedSharding(self.mesh, self.cache_spec(to))
-        f = jax.jit(lambda a: jnp.take(a, jnp.asarray(idx), axis=3), out_shardings=sh)
-        return {n: f(a) for n, a in cache.items()}
+        specs = self._cache_specs(to)
+        shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+        f = jax.jit(lambda c: jax.tree.map(lambda a: jnp.take(a, jnp.asarray(idx), axis=2), c),
+                    out_shardings=shardings)
+        return f(cache)
 
     # ---- the passes ---------------------------------------------------------------------------
     def pass_fn(self, layout: Layout, phase: str, all_logits: bool, params):
@@ -149,7 +169,7 @@ class ShardedModel:
         if key not in self._fns:
             body = Body(self.geo, layout, phase, all_logits, self.act_dtype)
             pspecs = self.param_specs(params)
-            cspec = {"k": self.cache_spec(layout), "v": self.cache_spec(layout)}
+            cspec = self._cache_specs(layout)
             V = self.cfg.vocab
 
             def run(params, tokens, rows, cache):
@@ -166,7 +186,7 @@ class ShardedModel:
         return self._fns[key]
 
     def _pad_rows(self, layout: Layout, cache, *arrays):
-        Bc = cache["k"].shape[1]
+        Bc = self.cache_shape(cache)[0]
         B = arrays[0].shape[0]
         if B > Bc:
             raise MeshlmError(f"batch {B} exceeds the cache's {Bc} rows")
@@ -178,8 +198,8 @@ class ShardedModel:
 
     def prefill(self, layout: Layout, params, tokens, lengths, cache, all_logits: bool = False):
         self._check(layout, params, cache)
-        if tokens.shape[1] > cache["k"].shape[2]:
-            raise MeshlmError(f"prompt length {tokens.shape[1]} exceeds the cache length {cache['k'].shape[2]}")
+        if tokens.shape[1] > self.cache_shape(cache)[1]:
+            raise MeshlmError(f"prompt length {tokens.shape[1]} exceeds the cache length {self.cache_shape(cache)[1]}")
         B, (tok, lens) = self._pad_rows(layout, cache, tokens, lengths)
         logits, cache = self.pass_fn(layout, "prefill", all_logits, params)(params, tok, lens, cache)
         return (logits[:B] if all_logits else logits[:B, 0]), cache

@@ -312,23 +312,17 @@ class Body:
     def forward(self, params, tokens, rows, cache):
         """The whole pass. rows: lengths [B] (prefill) or positions [B] (decode), replicated."""
         x = self.embed(tokens, params["embed"])
-
-        # The cache rides in the loop carry and each layer's slice is written back in place: as
-        # scan xs/ys it was copied in, restacked into a new buffer and copied again around the
-        # loop (several whole-cache copies per step on XLA:CPU).
-        def layer(carry, lw):
-            x, ck_all, cv_all, i = carry
-            c = (lax.dynamic_index_in_dim(ck_all, i, 0, keepdims=False),
-                 lax.dynamic_index_in_dim(cv_all, i, 0, keepdims=False))
+        ks, vs = [], []
+        # Layers unrolled over per-layer weight and cache leaves: XLA:CPU copies a layer's slice out
+        # of a stacked [Y, ...] array (in a scan or not) before using it; separate buffers are read
+        # in place, and the donated cache arrays are updated in place (only the new rows written).
+        for lw, ck, cv in zip(params["layers"], cache["k"], cache["v"]):
+            c = (ck, cv)
             for u in self.geo.units:
                 if u.has_attn:
                     x, c = self.unit(u, x, lw, c, rows)
                 else:
                     x, _ = self.unit(u, x, lw, None, rows)
-            ck_all = lax.dynamic_update_index_in_dim(ck_all, c[0], i, 0)
-            cv_all = lax.dynamic_update_index_in_dim(cv_all, c[1], i, 0)
-            return (x, ck_all, cv_all, i + 1), None
-
-        (x, ck, cv, _), _ = lax.scan(layer, (x, cache["k"], cache["v"], jnp.int32(0)), params["layers"])
-        return self.logits(x, params, rows), {"k": ck, "v": cv}
-
+            ks.append(c[0])
+            vs.append(c[1])
+        return self.logits(x, params, rows), {"k": tuple(ks), "v": tuple(vs)}

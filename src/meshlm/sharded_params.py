@@ -152,6 +152,18 @@ def stored_specs(geo: Geometry, storage: str, int8: bool, tree) -> dict:
     return specs
 
 
+def per_layer(tree, specs) -> tuple[dict, dict]:
+    """Split the stacked [Y, ...] layer leaves into a tuple of Y per-layer trees (numpy views) with
+    their specs minus the layer axis. The engine stores weights this way: a stacked leaf sliced per
+    layer inside the compiled pass is copied out by XLA:CPU before every matmul."""
+    import jax
+
+    Y = jax.tree.leaves(tree["layers"])[0].shape[0]
+    layer_specs = jax.tree.map(lambda s: P(*tuple(s)[1:]), specs["layers"], is_leaf=lambda s: isinstance(s, P))
+    layers = tuple(jax.tree.map(lambda a, i=i: a[i], tree["layers"]) for i in range(Y))
+    return {**tree, "layers": layers}, {**specs, "layers": tuple(layer_specs for _ in range(Y))}
+
+
 def build_stored(params, geo: Geometry, weights: str, storage: str) -> dict:
     """The stored tree (numpy, global shapes) of canonical params; see the module docstring."""
     cfg, m = geo.cfg, geo.mesh

@@ -83,7 +83,7 @@ def run_layout(sm, stored, layout: Layout, w: Workload, expected: Expected, act_
     cfg = sm.cfg
     B, L = w.tokens.shape
     cache = sm.init_cache(layout, B, w.cache_len)
-    Bc = cache["k"].shape[1]
+    Bc = sm.cache_shape(cache)[0]
     valid = np.arange(L)[None, :] < w.lengths[:, None]
     out = []
     for phase, args in (("prefill", (_pad(w.tokens, Bc), _pad(w.lengths, Bc))),
