@@ -16,7 +16,9 @@ simulated devices share the cores, so a per-device number measured alone would o
   the cost model does not explain of their times is fitted as a per-pass intercept and a per-layer
   slope per phase, seconds per sampled logit (B x V) and, for prefill, per attention score.
 
-Each number is the median of several timed runs after a warm-up (compile excluded).
+Each number is the median of several timed runs after a warm-up (compile excluded). The points of
+the matmul curve and the tiny models are timed in round-robin passes, so on a shared host they all
+see the same mix of load and stay consistent with each other.
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ def _time(fn, *args, repeats: int = 7) -> float:
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def _interleaved(calls: list, rounds: int) -> list[float]:
+    """Median wall time of each call (a function that blocks until its work is done), after one
+    warm-up each, timed in `rounds` round-robin passes over all of them: on a shared host every
+    call sees the same mix of load, so a curve's points stay consistent when the load moves."""
+    for c in calls:
+        c()
+    ts: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for i, c in enumerate(calls):
+            t0 = time.perf_counter()
+            c()
+            ts[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
 
 
 def _mesh(devices):
@@ -152,13 +169,13 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
         return _put(mesh, jnp.asarray(q["q"].reshape(n * rows, cols))), jnp.asarray(q["s"])
 
     mats = [stored(E, F) if i % 2 == 0 else stored(F, E) for i in range(2 * full)]
-    out = []
+    calls, work = [], []
     for m in ms:
         k = full if m < 256 else 1
         ws = [w for w, _ in mats[:2 * k]]
         scales = [s for _, s in mats[:2 * k]]
 
-        def body(x, *ws):
+        def body(x, *ws, scales=scales):
             for w, s in zip(ws, scales):
                 x = quant.dot_rows(x, w, dt)
                 if s is not None:
@@ -167,8 +184,9 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
 
         x = _put(mesh, jnp.asarray(rng.standard_normal((n * m, E), np.float32), dtype=dt))
         f = _per_device(mesh, body, x, *ws)
-        t = _time(f, x, *ws, repeats=7 if m < 256 else 3)
-        out.append((m, 4.0 * m * E * F * k / t))
+        calls.append(lambda f=f, x=x, ws=ws: jax.block_until_ready(f(x, *ws)))
+        work.append(4.0 * m * E * F * k)
+    out = [(m, w / t) for m, w, t in zip(ms, work, _interleaved(calls, rounds=7))]
     log(f"  {weights}: " + ", ".join(f"M={m} {r / 1e9:.0f}" for m, r in out) + " GFLOP/s")
     return out
 
@@ -301,22 +319,29 @@ def engine_samples(chip, devices=None, quick: bool = False, log=print) -> list[d
     weights = "f32" if devices[0].platform == "cpu" else "bf16"
     lay = Layout("ws2d", "heads", weights, mesh)
     layouts = {"prefill": lay, "decode": lay}
-    steps, repeats = (3, 2) if quick else (8, 7)
+    steps, repeats = (3, 2) if quick else (8, 5)
     base_chip = _with_terms(chip, {})
-    out = []
-    for Y, V, B, L in ENGINE_RUNS_QUICK if quick else ENGINE_RUNS:
+    runs = ENGINE_RUNS_QUICK if quick else ENGINE_RUNS
+    engines = []
+    for Y, V, B, L in runs:
         cfg = tiny_config(Y, V, L + steps + 2)
         sm = ShardedModel(cfg, mesh, devices)
         params = sm.shard_params(reference.init_params(cfg, jax.random.key(0)), weights=weights)
         eng = Engine(ShardedBackend(sm, lay, params), params, slots=B, max_len=L + steps + 2)
         ps = prompts(B, L, V)
         run_once(eng, ps, 2)  # compiles prefill, insert and decode
-        ttfts, dec = [], []
-        for r in range(repeats):
-            t, st = run_once(eng, ps, steps if r == 0 else 0)
-            ttfts.append(t)
-            dec += st
-        measured = {"prefill": statistics.median(ttfts), "decode": statistics.median(dec)}
+        engines.append((cfg, eng, ps))
+    # round-robin over the models (as _interleaved): each sees the same mix of load
+    ttfts: list[list[float]] = [[] for _ in runs]
+    dec: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, (_, eng, ps) in enumerate(engines):
+            t, st = run_once(eng, ps, steps)
+            ttfts[i].append(t)
+            dec[i] += st
+    out = []
+    for (Y, V, B, L), (cfg, eng, _), tt, dd in zip(runs, engines, ttfts, dec):
+        measured = {"prefill": statistics.median(tt), "decode": statistics.median(dd)}
         base = predict_engine(cfg, base_chip, layouts, eng)
         units = [predict_engine(cfg, _with_terms(chip, {t: 1.0}), layouts, eng) for t in OVERHEAD_TERMS]
         for phase, key in (("prefill", "ttft_s"), ("decode", "decode_s")):

@@ -9,15 +9,18 @@ from meshlm.cli import positive_int
 
 
 def register(sub) -> None:
-    p = sub.add_parser("calibrate", help="measure local FLOP/s, memory and collective bandwidth; write a chip spec",
-                       description="Measure matmul FLOP/s per dtype (f32, bf16, the int8 path), memory bandwidth "
-                                   "and collective bandwidth/latency of the local devices, and write a chip spec "
-                                   "that --hardware PATH (or --hardware local, the last one written to the default "
-                                   "path) accepts.")
+    p = sub.add_parser("calibrate", help="measure local FLOP/s, memory and collective bandwidth, the engine's "
+                                         "overheads; write a chip spec",
+                       description="Measure matmul FLOP/s per dtype (f32, bf16, the int8 path) and against the "
+                                   "activation's rows M, memory bandwidth, collective bandwidth/latency of the local "
+                                   "devices, and the engine's fixed costs (per pass, per layer, per sampled logit, per "
+                                   "attention score) on tiny models; write a chip spec that --hardware PATH (or "
+                                   "--hardware local, the last one written to the default path) accepts. About a "
+                                   "minute (--quick: a rough one in ~20 s).")
     p.add_argument("--out", help="where to write the spec (default: $MESHLM_HOME/local.json, "
                                  "~/.cache/meshlm/local.json)")
     p.add_argument("--devices", type=positive_int, help="on a CPU-only host: simulate N devices")
-    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer samples (seconds instead of ~10 s)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer samples and tiny models (rough numbers)")
     p.add_argument("--json", action="store_true", help="print the spec as JSON on stdout")
     p.set_defaults(func=run)
 
