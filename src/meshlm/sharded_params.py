@@ -1,7 +1,9 @@
 """How the sharded model stores its parameters: served (padded) heads and vocab, fused projection
 matrices, int8 weights, and the PartitionSpec of every stored leaf. Host-side numpy only.
 
-Stored tree (Y = n_layers, C = columns of a fused input matrix, C_mid = rows of a fused output):
+Stored tree (Y = n_layers, C = columns of a fused input matrix, C_mid = rows of a fused output),
+built with the layer leaves stacked as below; `per_layer` then splits them into the tuple of Y
+per-layer trees the engine stores (each shape without the leading Y):
     embed        [V_s, E]        V_xyz            (int8: {"q", "s": [V_s] replicated})
     lm_head      [E, V_s]        V_xyz            (untied only)     lm_head_bias [V_s]  V_xyz
     final_norm   {"scale": [E], "bias"?}           replicated
