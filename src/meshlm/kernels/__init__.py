@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def _load() -> tuple[bool, str]:
         lib = ctypes.cdll.LoadLibrary(str(lib_path))
         for name in _TARGETS:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-    except (BuildError, OSError, AttributeError, ValueError) as e:
+    except (BuildError, OSError, subprocess.SubprocessError, AttributeError, ValueError) as e:
         return False, f"int8 CPU kernel unavailable ({e}); using the XLA int8 path"
     _state["lib"] = lib
     return True, f"int8 CPU kernel loaded from {lib_path}"

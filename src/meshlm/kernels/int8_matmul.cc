@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -83,20 +84,24 @@ void panel1(const float* x, const int8_t* q, float* y, int64_t C, int64_t r0, in
   }
 }
 
-// y[:NM, c0:c0+NC] = x[:NM, :] @ q[c0:c0+NC, :].T; rows of q past C-1 repeat row C-1 and are not
-// stored. NC rows at once give NM * NC independent FMA chains (latency-bound at NM = 1 otherwise).
-template <int NM, int NC>
-void tile_t(const float* x, const int8_t* q, float* y, int64_t R, int64_t C, int64_t c0) {
-  const int8_t* row[NC];
-  UNROLL for (int j = 0; j < NC; ++j) row[j] = q + std::min(c0 + j, C - 1) * R;
+inline __m512 load16(const int8_t* p) { return widen(p); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(__mmask16 k, const int8_t* p) { return widen(k, p); }
+inline __m512 load16(__mmask16 k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
+
+// y[m, j] = x[m, :] . row[j][:] for m < NM, j < min(NC, n) (y advanced to the tile's first column);
+// rows are int8 (straight from q) or already widened to f32. NC rows at once give NM * NC
+// independent FMA chains (latency-bound at NM = 1 otherwise).
+template <int NM, int NC, typename W>
+void tile_t(const float* x, const W* const* row, float* y, int64_t R, int64_t C, int64_t n) {
   __m512 acc[NM][NC];
   UNROLL for (int m = 0; m < NM; ++m)
     UNROLL for (int j = 0; j < NC; ++j) acc[m][j] = _mm512_setzero_ps();
   int64_t r = 0;
-  for (; r + 64 <= R; r += 64) {  // a whole cache line of each row per step
+  for (; r + 64 <= R; r += 64) {  // a whole cache line of each int8 row per step
     UNROLL for (int u = 0; u < 4; ++u) {
       __m512 w[NC];
-      UNROLL for (int j = 0; j < NC; ++j) w[j] = widen(row[j] + r + 16 * u);
+      UNROLL for (int j = 0; j < NC; ++j) w[j] = load16(row[j] + r + 16 * u);
       UNROLL for (int m = 0; m < NM; ++m) {
         __m512 xv = _mm512_loadu_ps(x + m * R + r + 16 * u);
         UNROLL for (int j = 0; j < NC; ++j) acc[m][j] = _mm512_fmadd_ps(xv, w[j], acc[m][j]);
@@ -106,7 +111,7 @@ void tile_t(const float* x, const int8_t* q, float* y, int64_t R, int64_t C, int
   for (; r < R; r += 16) {
     __mmask16 k = tail_mask(R - r);
     __m512 w[NC];
-    UNROLL for (int j = 0; j < NC; ++j) w[j] = widen(k, row[j] + r);
+    UNROLL for (int j = 0; j < NC; ++j) w[j] = load16(k, row[j] + r);
     UNROLL for (int m = 0; m < NM; ++m) {
       __m512 xv = _mm512_maskz_loadu_ps(k, x + m * R + r);
       UNROLL for (int j = 0; j < NC; ++j) acc[m][j] = _mm512_fmadd_ps(xv, w[j], acc[m][j]);
@@ -114,7 +119,13 @@ void tile_t(const float* x, const int8_t* q, float* y, int64_t R, int64_t C, int
   }
   UNROLL for (int m = 0; m < NM; ++m)
     UNROLL for (int j = 0; j < NC; ++j)
-      if (c0 + j < C) y[m * C + c0 + j] = _mm512_reduce_add_ps(acc[m][j]);
+      if (j < n) y[m * C + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+inline void widen_row(const int8_t* p, int64_t R, float* out) {
+  int64_t r = 0;
+  for (; r + 16 <= R; r += 16) _mm512_storeu_ps(out + r, widen(p + r));
+  if (r < R) _mm512_mask_storeu_ps(out + r, tail_mask(R - r), widen(tail_mask(R - r), p + r));
 }
 
 // buf[0:r1-r0, 0:PW] = f32(q[r0:r1, c0:c0+w]), zero past w: converted once, then read from L1 by
@@ -175,16 +186,18 @@ void panel1(const float* x, const int8_t* q, float* y, int64_t C, int64_t r0, in
   std::memcpy(y + c0, acc, w * sizeof(float));
 }
 
-template <int NM, int NC>
-void tile_t(const float* x, const int8_t* q, float* y, int64_t R, int64_t C, int64_t c0) {
-  for (int j = 0; j < NC && c0 + j < C; ++j) {
-    const int8_t* row = q + (c0 + j) * R;
+template <int NM, int NC, typename W>
+void tile_t(const float* x, const W* const* row, float* y, int64_t R, int64_t C, int64_t n) {
+  for (int j = 0; j < NC && j < n; ++j)
     for (int m = 0; m < NM; ++m) {
       float s = 0.f;
-      for (int64_t r = 0; r < R; ++r) s += x[m * R + r] * float(row[r]);
-      y[m * C + c0 + j] = s;
+      for (int64_t r = 0; r < R; ++r) s += x[m * R + r] * float(row[j][r]);
+      y[m * C + j] = s;
     }
-  }
+}
+
+inline void widen_row(const int8_t* p, int64_t R, float* out) {
+  for (int64_t r = 0; r < R; ++r) out[r] = float(p[r]);
 }
 
 template <bool FULL>
@@ -258,22 +271,36 @@ void matmul_cols(const float* x, const int8_t* q, float* y, int64_t M, int64_t R
   }
 }
 
-// Columns [c_lo, c_hi) of y = rows [c_lo, c_hi) of q, 8 at a time (read once from memory, then
-// from L1 for each further tile of rows of x).
+// Columns [c_lo, c_hi) of y = rows [c_lo, c_hi) of q, 2 * CT at a time, read once from memory. With
+// more than 2 rows of x those q rows are widened once into an f32 buffer (L1) that every tile of
+// MT rows of x then reads; rows past C - 1 repeat row C - 1 and are not stored.
 void matmul_t_rows(const float* x, const int8_t* q, float* y, int64_t M, int64_t R, int64_t C,
                    int64_t c_lo, int64_t c_hi) {
-  for (int64_t c0 = c_lo; c0 < c_hi; c0 += 2 * CT) {
+  constexpr int NC = 2 * CT;
+  std::vector<float> buf(M > 2 ? NC * R : 0);
+  const float* frow[NC];
+  for (int j = 0; j < NC; ++j) frow[j] = buf.data() + j * R;
+  for (int64_t c0 = c_lo; c0 < c_hi; c0 += NC) {
+    const int8_t* row[NC];
+    for (int j = 0; j < NC; ++j) row[j] = q + std::min(c0 + j, C - 1) * R;
+    const int64_t n = std::min<int64_t>(NC, c_hi - c0);
+    if (M == 1) tile_t<1, NC>(x, row, y + c0, R, C, n);
+    if (M == 2) tile_t<2, NC>(x, row, y + c0, R, C, n);
+    if (M <= 2) continue;
+    for (int j = 0; j < NC; ++j) widen_row(row[j], R, buf.data() + j * R);
     int64_t m = 0;
     for (; m + MT <= M; m += MT) {
-      tile_t<MT, CT>(x + m * R, q, y + m * C, R, C, c0);
-      tile_t<MT, CT>(x + m * R, q, y + m * C, R, C, c0 + CT);
+      tile_t<MT, CT>(x + m * R, frow, y + m * C + c0, R, C, n);
+      tile_t<MT, CT>(x + m * R, frow + CT, y + m * C + c0 + CT, R, C, n - CT);
     }
+    const float* xm = x + m * R;
+    float* ym = y + m * C + c0;
     switch (M - m) {
-      case 1: tile_t<1, 2 * CT>(x + m * R, q, y + m * C, R, C, c0); break;
-      case 2: tile_t<2, 2 * CT>(x + m * R, q, y + m * C, R, C, c0); break;
+      case 1: tile_t<1, NC>(xm, frow, ym, R, C, n); break;
+      case 2: tile_t<2, NC>(xm, frow, ym, R, C, n); break;
       case 3:
-        tile_t<3, CT>(x + m * R, q, y + m * C, R, C, c0);
-        tile_t<3, CT>(x + m * R, q, y + m * C, R, C, c0 + CT);
+        tile_t<3, CT>(xm, frow, ym, R, C, n);
+        tile_t<3, CT>(xm, frow + CT, ym + CT, R, C, n - CT);
         break;
       default: break;
     }
