@@ -8,7 +8,8 @@
 layers, larger than L3), each matmul fed by the previous one's output so XLA cannot overlap them;
 GB/s = int8 weight bytes / time (for f32 the same int8 byte count, so the columns compare times).
 "tied": x @ table.T over 4 different [49152, 576] int8 tables chained the same way (113 MB).
-"crossover": one [576, 3648] matmul per M, to pick quant.KERNEL_MAX_M. Medians of `repeats` runs;
+"crossover": one [576, 3648] matmul (and x @ q.T with an [8192, 576] table) per M, to pick
+quant.KERNEL_MAX_M. Medians of `repeats` runs;
 the machine is shared, so the load average is recorded too.
 """
 
@@ -101,11 +102,13 @@ def main(argv=None) -> int:
         record("tied", M, "f32", _time(_chain_t(_f32_dot_t), (x, tf), args.repeats), tbytes)
         del tf
     del tables
-    a = jax.device_put(q8[0])
+    a, t = jax.device_put(q8[0]), jax.device_put(rng.integers(-127, 128, (8192, E), dtype=np.int8))
     for M in map(int, args.crossover.split(",")):
         x = jnp.asarray(rng.normal(size=(M, E)), jnp.float32)
         record("crossover", M, "kernel", _time(jax.jit(kernels.int8_matmul), (x, a), args.repeats), a.size)
         record("crossover", M, "xla", _time(jax.jit(quant.xla_dot_rows), (x, a), args.repeats), a.size)
+        record("crossover_t", M, "kernel", _time(jax.jit(kernels.int8_matmul_t), (x, t), args.repeats), t.size)
+        record("crossover_t", M, "xla", _time(jax.jit(quant.xla_dot_t), (x, t), args.repeats), t.size)
     out = {"host": platform.node(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "jax": jax.__version__,
            "layers": args.layers, "repeats": args.repeats, "kernel_max_m": quant.KERNEL_MAX_M, "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -61,15 +61,17 @@ def test_shape_errors_are_clear():
         kernels.int8_matmul(x, q.astype(np.int16))
 
 
-@pytest.mark.parametrize("M", [1, 3, 8, quant.KERNEL_MAX_M, quant.KERNEL_MAX_M + 1])
+@pytest.mark.parametrize("M", sorted({1, 3, quant.KERNEL_MAX_M_T, quant.KERNEL_MAX_M_T + 1, quant.KERNEL_MAX_M,
+                                      quant.KERNEL_MAX_M + 1}))
 def test_dot_rows_and_dot_t_use_the_kernel_up_to_the_crossover(M):
     x, q = _case(M, 512, 72, seed=2)
     xj, qj, qt = jnp.asarray(x), jnp.asarray(q), jnp.asarray(np.ascontiguousarray(q.T))
     rows = jax.jit(lambda a, b: quant.dot_rows(a, b, jnp.float32))
     tied = jax.jit(lambda a, b: quant.dot_t(a, b, jnp.float32))
-    for fn, w, target in ((rows, qj, "meshlm_int8_matmul\""), (tied, qt, "meshlm_int8_matmul_t\"")):
+    for fn, w, target, max_m in ((rows, qj, "meshlm_int8_matmul\"", quant.KERNEL_MAX_M),
+                                 (tied, qt, "meshlm_int8_matmul_t\"", quant.KERNEL_MAX_M_T)):
         hlo = fn.lower(xj, w).compile().as_text()
-        assert (target in hlo) == (M <= quant.KERNEL_MAX_M)
+        assert (target in hlo) == (M <= max_m)
     want = np.asarray(quant.xla_dot_rows(xj, qj))  # the fallback path
     _close(rows(xj, qj), want)
     _close(tied(xj, qt), want)

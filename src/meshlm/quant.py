@@ -4,9 +4,9 @@ the paper, §3.6): the matmul runs in f32 (CPU) or the activation dtype.
 
 On CPU, `dot_rows` / `dot_t` call a hand-written kernel (meshlm.kernels: reads each int8 weight
 once, widens it in registers, f32 FMAs, both cores) when it is available and the number of
-activation rows M is at most KERNEL_MAX_M; otherwise, and on every other platform, the XLA path:
-dequantize one block of ~256 rows at a time inside lax.scan and dot in f32, so the whole weight is
-never converted at once. Either way the per-channel scale is applied by the caller to the output."""
+activation rows M is at most KERNEL_MAX_M (KERNEL_MAX_M_T for dot_t); otherwise, and on every other
+platform, the XLA path: dequantize one block of ~256 rows at a time inside lax.scan and dot in f32,
+so the whole weight is never converted at once. Either way the per-channel scale is applied by the caller to the output."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ import numpy as np
 from meshlm import kernels
 
 ROW_BLOCK = 256
-KERNEL_MAX_M = 64  # rows of x up to which the CPU kernel beats the XLA path (benchmarks/int8_kernel.py)
+# Rows of x up to which the CPU kernel beats the XLA path (benchmarks/int8_kernel.py, "crossover"):
+# x @ q wins through M = 64 and loses from 256 (Eigen's GEMM); x @ q.T wins through 8, ties at 16.
+KERNEL_MAX_M = 64
+KERNEL_MAX_M_T = 8
 
 
 def quantize(w, axis: int = -1):
@@ -51,9 +54,10 @@ def row_block(R: int) -> int | None:
     return _divisor(R, ROW_BLOCK // 2, ROW_BLOCK)
 
 
-def use_kernel(M: int) -> bool:
-    """Whether an int8 dot with M activation rows goes to the CPU kernel (on CPU)."""
-    return M <= KERNEL_MAX_M and kernels.available()
+def use_kernel(M: int, transposed: bool = False) -> bool:
+    """Whether an int8 dot (x @ q, or x @ q.T when transposed) with M activation rows goes to the
+    CPU kernel (on CPU)."""
+    return M <= (KERNEL_MAX_M_T if transposed else KERNEL_MAX_M) and kernels.available()
 
 
 def dot_rows(x, w, dtype):
@@ -100,7 +104,7 @@ def dot_t(x, wt, dtype):
     if wt.dtype != jnp.int8:  # contract E of both as stored ('ME,CE->MC'): no transposed copy of the table
         return jax.lax.dot_general(x.astype(dtype), wt.astype(dtype), (((1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32).astype(dtype)
-    if x.ndim == 2 and use_kernel(x.shape[0]):
+    if x.ndim == 2 and use_kernel(x.shape[0], transposed=True):
         return jax.lax.platform_dependent(x, wt, cpu=kernels.int8_matmul_t, default=xla_dot_t).astype(dtype)
     return xla_dot_t(x, wt).astype(dtype)
 

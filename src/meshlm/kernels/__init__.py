@@ -31,7 +31,7 @@ _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive: 
 
 def _load() -> tuple[bool, str]:
     if os.environ.get("MESHLM_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False, "disabled by MESHLM_KERNELS=0"
+        return False, "int8 CPU kernel disabled by MESHLM_KERNELS=0; using the XLA int8 path"
     try:
         lib_path = build(_SOURCE, jax.ffi.include_dir(), f"jax {jax.__version__}")
         lib = ctypes.cdll.LoadLibrary(str(lib_path))
