@@ -3,9 +3,10 @@
 //   meshlm_int8_matmul:   x f32 [M, R], q s8 [R, C] -> y f32 [M, C] = x @ q
 //   meshlm_int8_matmul_t: x f32 [M, R], q s8 [C, R] -> y f32 [M, C] = x @ q.T
 //
-// The weight is read once from memory as int8, widened to f32 in registers and FMA'd into f32
-// accumulators for up to MT rows of x at a time (a tile is re-read from L1/L2, not DRAM, for the
-// next MT rows). Unscaled: the caller applies the per-column scale. Work is split over the XLA:CPU
+// The weight is read once from memory as int8 and widened to f32 in registers; one row of x FMAs
+// straight from it, more rows widen each small block once into an L1 buffer that every register
+// tile of MT rows of x then reads. f32 accumulation. Unscaled: the caller applies the per-column
+// scale. Work is split over the XLA:CPU
 // intra-op thread pool; the handler is asynchronous (returns a Future completed by the last task),
 // so no pool thread ever blocks waiting for another: no deadlock when many simulated devices share
 // the pool.
@@ -63,12 +64,15 @@ inline __mmask16 tail_mask(int64_t n) {  // first n of 16 lanes (n may be <= 0 o
 // is two cache lines of each row of q per step and 8 independent FMA chains. The first row block
 // (r0 == 0) overwrites y, later ones accumulate into it.
 template <int NV, bool FULL>
-void panel1(const float* x, const int8_t* q, float* y, int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t w) {
+void panel1(const float* x, const int8_t* q, float* y, int64_t C, int64_t r0, int64_t r1, int64_t c0,
+            int64_t w) {
   __mmask16 k[NV];
   UNROLL for (int j = 0; j < NV; ++j) k[j] = tail_mask(w - 16 * j);
   __m512 acc[NV];
   UNROLL for (int j = 0; j < NV; ++j)
-    acc[j] = r0 == 0 ? _mm512_setzero_ps() : FULL ? _mm512_loadu_ps(y + c0 + 16 * j) : _mm512_maskz_loadu_ps(k[j], y + c0 + 16 * j);
+    acc[j] = r0 == 0 ? _mm512_setzero_ps()
+             : FULL  ? _mm512_loadu_ps(y + c0 + 16 * j)
+                     : _mm512_maskz_loadu_ps(k[j], y + c0 + 16 * j);
   const int8_t* p = q + r0 * C + c0;
   for (int64_t r = r0; r < r1; ++r, p += C) {
     prefetch_ahead(p);
@@ -137,11 +141,13 @@ void widen_block(const int8_t* q, int64_t C, int64_t r0, int64_t r1, int64_t c0,
   const int8_t* p = q + r0 * C + c0;
   for (int64_t r = r0; r < r1; ++r, p += C, buf += PW) {
     prefetch_ahead(p);
-    UNROLL for (int j = 0; j < 4; ++j) _mm512_storeu_ps(buf + 16 * j, FULL ? widen(p + 16 * j) : widen(k[j], p + 16 * j));
+    UNROLL for (int j = 0; j < 4; ++j)
+      _mm512_storeu_ps(buf + 16 * j, FULL ? widen(p + 16 * j) : widen(k[j], p + 16 * j));
   }
 }
 
-// y[:NM, c0:c0+w] (+)= x[:NM, r0:r1] @ q[r0:r1, c0:c0+w] with that block already widened into buf (rows r0..r1 of q, PW floats each).
+// y[:NM, c0:c0+w] (+)= x[:NM, r0:r1] @ q[r0:r1, c0:c0+w], that block already widened into buf
+// (PW floats per row of q).
 template <int NM, bool FULL>
 void panel_f32(const float* x, const float* buf, float* y, int64_t R, int64_t C, int64_t r0, int64_t r1,
                int64_t c0, int64_t w) {
@@ -361,22 +367,27 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     return run_split(pool, 1, 1, 0, [](int64_t, int64_t) {});
   }
   if (transposed)
-    return run_split(pool, C, 2 * CT, R * C, [=](int64_t lo, int64_t hi) { matmul_t_rows(xp, qp, yp, M, R, C, lo, hi); });
-  return run_split(pool, C, 2 * PW, R * C, [=](int64_t lo, int64_t hi) { matmul_cols(xp, qp, yp, M, R, C, lo, hi); });
+    return run_split(pool, C, 2 * CT, R * C,
+                     [=](int64_t lo, int64_t hi) { matmul_t_rows(xp, qp, yp, M, R, C, lo, hi); });
+  return run_split(pool, C, 2 * PW, R * C,
+                   [=](int64_t lo, int64_t hi) { matmul_cols(xp, qp, yp, M, R, C, lo, hi); });
+}
+
+ffi::Future Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::ResultBuffer<ffi::F32> y) {
+  return Int8Matmul(pool, x, q, y, false);
+}
+
+ffi::Future Transposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  return Int8Matmul(pool, x, q, y, true);
+}
+
+auto Binding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S8>>().Ret<
+      ffi::Buffer<ffi::F32>>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    meshlm_int8_matmul,
-    [](ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::ResultBuffer<ffi::F32> y) {
-      return Int8Matmul(pool, x, q, y, false);
-    },
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S8>>().Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    meshlm_int8_matmul_t,
-    [](ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::ResultBuffer<ffi::F32> y) {
-      return Int8Matmul(pool, x, q, y, true);
-    },
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S8>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_int8_matmul, Rows, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_int8_matmul_t, Transposed, Binding());
