@@ -93,11 +93,13 @@ class ShardedModel:
         buffer in place (a stacked [Y, ...] cache had each layer's slice copied in and out)."""
         B = comm.padded_batch(batch, layout)
         shape = (B, max_len, self.cache_heads(layout), self.cfg.d_head)
-        sh = NamedSharding(self.mesh, self.cache_spec(layout))
-        Y = self.cfg.n_layers
-        zeros = jax.jit(lambda: {n: tuple(jnp.zeros(shape, dtype or self.act_dtype) for _ in range(Y)) for n in "kv"},
-                        out_shardings={n: (sh,) * Y for n in "kv"})
-        return zeros()  # one dispatch for all 2Y arrays
+        key = ("zeros", shape, self.cache_spec(layout), jnp.dtype(dtype or self.act_dtype))
+        if key not in self._fns:  # kept: a new jit per call would compile on every prefill (~80 ms)
+            sh = NamedSharding(self.mesh, key[2])
+            Y = self.cfg.n_layers
+            self._fns[key] = jax.jit(lambda: {n: tuple(jnp.zeros(shape, key[3]) for _ in range(Y)) for n in "kv"},
+                                     out_shardings={n: (sh,) * Y for n in "kv"})
+        return self._fns[key]()  # one dispatch for all 2Y arrays
 
     @staticmethod
     def cache_shape(cache) -> tuple[int, int, int, int]:
@@ -154,11 +156,13 @@ class ShardedModel:
         idx = np.array([int(np.flatnonzero(sel == h)[0]) for h in want])  # padding maps to padding
         if B % comm.batch_multiple(to):
             raise MeshlmError(f"cache batch {B} does not split for {to.short}")
-        specs = self._cache_specs(to)
-        shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
-        f = jax.jit(lambda c: jax.tree.map(lambda a: jnp.take(a, jnp.asarray(idx), axis=2), c),
-                    out_shardings=shardings)
-        return f(cache)
+        key = ("convert", src, self.cache_spec(to), dst)
+        if key not in self._fns:  # one jit per (source slots, target layout); traced per shape
+            shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self._cache_specs(to),
+                                     is_leaf=lambda s: isinstance(s, P))
+            self._fns[key] = jax.jit(lambda c: jax.tree.map(lambda a: jnp.take(a, jnp.asarray(idx), axis=2), c),
+                                     out_shardings=shardings)
+        return self._fns[key](cache)
 
     # ---- the passes ---------------------------------------------------------------------------
     def pass_fn(self, layout: Layout, phase: str, all_logits: bool, params):
