@@ -17,10 +17,11 @@ import numpy as np
 from meshlm import kernels
 
 ROW_BLOCK = 256
-# Rows of x up to which the CPU kernel beats the XLA path (benchmarks/int8_kernel.py, "crossover"):
-# x @ q wins through M = 64 and loses from 256 (Eigen's GEMM); x @ q.T wins through 8, ties at 16.
+# Rows of x up to which the CPU kernel beats the XLA path (benchmarks/int8_kernel.py "crossover",
+# medians of 3 runs): x @ q wins through M = 64 (1.7 vs 2.3 ms), ties at 256, loses at 1024 (Eigen's
+# GEMM); x @ q.T wins through 16 (1.6 vs 2.0 ms) and loses at 64 (11 vs 4.3 ms).
 KERNEL_MAX_M = 64
-KERNEL_MAX_M_T = 8
+KERNEL_MAX_M_T = 16
 
 
 def quantize(w, axis: int = -1):
