@@ -12,6 +12,8 @@
 // the pool.
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -36,6 +38,7 @@ constexpr int CT = 4;    // rows of q per tile (int8_matmul_t; 2 * CT for 1-2 ro
 constexpr int RB = 32;   // rows of q per block (int8_matmul)
 constexpr int kPrefetchBytes = 256;
 constexpr int64_t kMinBytesPerTask = 1 << 18;  // smaller weights run inline: scheduling costs more
+constexpr int64_t kChunksPerThread = 4;
 
 #ifdef MESHLM_AVX512
 
@@ -320,26 +323,31 @@ ffi::Future failed(ffi::Error error) {
   return future;
 }
 
-// Splits [0, C) into `tasks` ranges aligned to `align`, runs all but the first on the pool and the
-// first inline; the returned Future completes when the last range is done.
+// Splits [0, C) into chunks aligned to `align` that the calling thread and up to threads - 1 pool
+// tasks claim from a shared counter; the returned Future completes when the last chunk is done. A
+// helper that starts late (busy cores: other devices, other processes) finds fewer or no chunks
+// left, so it never makes the call slower than running it inline.
 template <typename Body>
 ffi::Future run_split(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t weight_bytes, Body body) {
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t units = (C + align - 1) / align;
-  int64_t tasks = std::min({threads, units, std::max<int64_t>(1, weight_bytes / kMinBytesPerTask)});
-  ffi::CountDownPromise done(tasks);
-  ffi::Future future(done);
-  auto range = [=](int64_t t) {
-    int64_t lo = std::min(C, units * t / tasks * align), hi = std::min(C, units * (t + 1) / tasks * align);
-    body(lo, hi);
+  const int64_t units = (C + align - 1) / align;
+  const int64_t helpers = std::min({std::max<int64_t>(1, pool.num_threads()), units,
+                                    std::max<int64_t>(1, weight_bytes / kMinBytesPerTask)}) - 1;
+  const int64_t chunks = helpers == 0 ? 1 : std::min(units, (helpers + 1) * kChunksPerThread);
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    ffi::CountDownPromise done;
   };
-  for (int64_t t = 1; t < tasks; ++t)
-    pool.Schedule([range, t, done]() mutable {
-      range(t);
-      done.CountDown();
-    });
-  range(0);
-  done.CountDown();
+  auto shared = std::make_shared<Shared>();
+  shared->done = ffi::CountDownPromise(chunks);
+  ffi::Future future(shared->done);
+  auto work = [shared, body, C, align, units, chunks]() {
+    for (int64_t i; (i = shared->next.fetch_add(1)) < chunks;) {
+      body(std::min(C, units * i / chunks * align), std::min(C, units * (i + 1) / chunks * align));
+      shared->done.CountDown();
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work(); });
+  work();
   return future;
 }
 
