@@ -43,8 +43,9 @@ def test_cli_writes_a_loadable_spec(tmp_path, capsys):
     # the measured curve (quick: 4 rows counts) for the compute dtype and the int8 path, the engine's overheads
     assert [m for m, _ in spec["matmul_curve"]["f32"]] == [1, 8, 64, 512] and set(spec["matmul_curve"]) == {"f32", "int8"}
     assert chip.matmul_rate("int8", 8) == spec["matmul_curve"]["int8"][1][1]
-    assert set(spec["pass_overhead_s"]) == set(spec["layer_overhead_s"]) == set(spec["score_elem_s"]) == {"prefill", "decode"}
-    assert min([spec["logit_elem_s"], *spec["pass_overhead_s"].values(), *spec["score_elem_s"].values()]) >= 0
+    per_phase = ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s")
+    assert all(set(spec[f]) == {"prefill", "decode"} for f in per_phase)
+    assert min([spec["logit_elem_s"], *(v for f in per_phase for v in spec[f].values())]) >= 0
 
 
 def test_int8_rate_and_f32_cache_reach_the_cost_model():
@@ -74,12 +75,13 @@ def test_fit_recovers_overheads_and_keeps_them_non_negative():
     from meshlm.calibrate import OVERHEAD_TERMS, fit_overheads, overhead_fields
 
     rng = np.random.default_rng(1)
-    truth = np.array([0.03, 2e-4, 1e-8, 1e-4, 3e-5, 2e-8, 5e-9])
+    truth = np.array([0.03, 2e-4, 1e-8, 4e-9, 1e-4, 3e-5, 2e-8, 6e-9, 5e-9])
     samples = []
-    for _ in range(12):
+    for _ in range(24):
         phase = rng.integers(2)
-        Y, BV, S = rng.choice([2, 8]), rng.choice([512, 262144]), rng.choice([1e3, 1e6])
-        reg = [1 - phase, (1 - phase) * Y, (1 - phase) * S * Y, phase, phase * Y, phase * S * Y, BV]
+        Y, BV, S, K = rng.choice([2, 8]), rng.choice([512, 262144]), rng.choice([1e3, 1e6]), rng.choice([2, 4])
+        p, d = 1 - phase, phase
+        reg = [p, p * Y, p * S * Y, p * S * K * Y, d, d * Y, d * S * Y, d * S * K * Y, BV]
         base = rng.uniform(1e-4, 1e-2)
         samples.append({"measured_s": base + float(np.dot(reg, truth)), "base_s": base, "regressors": reg})
     fit = fit_overheads(samples)

@@ -160,7 +160,7 @@ ONE = MeshShape(1, 1, 1)
 def test_presets_have_no_measured_terms():
     cfg = preset("palm-540b")
     e = estimate(cfg, V4, Layout("ws2d", "heads", "int8", M444), "prefill", 1, 2048, 1)
-    assert e.breakdown["overhead"] == 0 and e.breakdown["score_load"] == 0
+    assert e.breakdown["overhead"] == 0 and e.breakdown["score_load"] == 0 and e.breakdown["kv_extra"] == 0
 
 
 def test_last_position_logits_drop_the_output_projection_of_the_other_positions():
@@ -208,7 +208,7 @@ def test_overheads_and_scores_add_to_the_pass():
     cfg = preset("palm-62b")
     terms = dict(pass_overhead_s=(("prefill", 0.03), ("decode", 0.002)),
                  layer_overhead_s=(("prefill", 1e-4), ("decode", 2e-5)), logit_elem_s=1e-9,
-                 score_elem_s=(("prefill", 5e-9), ("decode", 7e-9)))
+                 score_elem_s=(("prefill", 5e-9), ("decode", 7e-9)), kv_elem_s=(("prefill", 2e-10), ("decode", 3e-10)))
     plain, chip = calibrated(), calibrated(**terms)
     lay = Layout("ws2d", "heads", "f32", ONE)
     Y, V, H = cfg.n_layers, cfg.vocab, cfg.n_heads
@@ -216,13 +216,15 @@ def test_overheads_and_scores_add_to_the_pass():
     pre = [estimate(cfg, c, lay, "prefill", B, L, 1) for c in (plain, chip)]
     over = 0.03 + Y * 1e-4 + 1e-9 * B * V
     score = 5e-9 * B * L * L * H * Y
+    kv_elems = lambda S: 2 * Y * B * S * cfg.n_kv_heads * cfg.d_head  # K and V, f32 (act_bytes 4)
     assert pre[1].breakdown["overhead"] == pytest.approx(over, rel=1e-12)
     assert pre[1].breakdown["score_load"] == pytest.approx(score, rel=1e-12)
-    assert pre[1].latency_s - pre[0].latency_s == pytest.approx(over + score, rel=1e-9)
+    assert pre[1].breakdown["kv_extra"] == pytest.approx(2e-10 * kv_elems(L), rel=1e-12)
+    assert pre[1].latency_s - pre[0].latency_s == pytest.approx(over + score + 2e-10 * kv_elems(L), rel=1e-9)
     dec = [estimate(cfg, c, lay, "decode", B, L, 8) for c in (plain, chip)]
     s_mean = L + 4.5  # the mean context over 8 steps
-    step = 0.002 + Y * 2e-5 + 1e-9 * B * V + 7e-9 * B * s_mean * H * Y
+    step = 0.002 + Y * 2e-5 + 1e-9 * B * V + 7e-9 * B * s_mean * H * Y + 3e-10 * kv_elems(s_mean)
     assert dec[1].step_latency_s - dec[0].step_latency_s == pytest.approx(step, rel=1e-9)
     b = pre[1].breakdown
     assert pre[1].latency_s == pytest.approx(max(b["matmul"], b["weight_load"]) + max(b["attention"], b["kv_load"])
-                                             + b["score_load"] + b["communication"] + b["overhead"])
+                                             + b["score_load"] + b["kv_extra"] + b["communication"] + b["overhead"])

@@ -271,33 +271,34 @@ def _device_memory() -> float:
 
 # ---- the engine's fixed costs ----------------------------------------------------------------------
 # (n_layers, vocab, batch, prompt length) of the tiny models timed through the engine: two depths
-# (per-layer slope), two vocabularies and batches (sampling over B x V), short and long prompts
+# (per-layer slope), two vocabularies and batches (sampling over B x V), short and long prompts,
+# 2 and 4 KV heads (the last element; per-score and per-K/V-element costs come apart)
 # (the L x L attention scores of prefill). d_model 64 keeps every weight in cache, so what the cost
 # model's rates do not explain is the engine's overhead. Heads are typical of real models (d_head
 # 64, two query heads per KV head): the cost per score includes the per-position K/V handling. The
 # long prompts' score tensors (32-64 MiB per layer) exceed the last-level cache, as a real model's do
 # (tiny ones in cache cost half as much per score).
-ENGINE_RUNS = ((2, 512, 1, 16), (8, 512, 1, 16), (2, 32768, 1, 16), (2, 32768, 8, 16), (2, 512, 4, 1024),
-               (8, 512, 2, 1024))
-ENGINE_RUNS_QUICK = ((2, 512, 1, 16), (8, 512, 1, 16), (2, 4096, 4, 128))
+ENGINE_RUNS = ((2, 512, 1, 16, 2), (8, 512, 1, 16, 2), (2, 32768, 1, 16, 2), (2, 32768, 8, 16, 2),
+               (2, 512, 4, 1024, 2), (8, 512, 2, 1024, 2), (2, 512, 4, 1024, 4))
+ENGINE_RUNS_QUICK = ((2, 512, 1, 16, 2), (8, 512, 1, 16, 2), (2, 4096, 4, 128, 2))
 # (field, phase) of every fitted coefficient: a unit value of each gives its regressor
 OVERHEAD_TERMS = (("pass_overhead_s", "prefill"), ("layer_overhead_s", "prefill"), ("score_elem_s", "prefill"),
-                  ("pass_overhead_s", "decode"), ("layer_overhead_s", "decode"), ("score_elem_s", "decode"),
-                  ("logit_elem_s", None))
+                  ("kv_elem_s", "prefill"), ("pass_overhead_s", "decode"), ("layer_overhead_s", "decode"),
+                  ("score_elem_s", "decode"), ("kv_elem_s", "decode"), ("logit_elem_s", None))
 
 
-def tiny_config(n_layers: int, vocab: int, max_len: int):
+def tiny_config(n_layers: int, vocab: int, max_len: int, n_kv_heads: int = 2):
     from meshlm.config import ModelConfig
 
     return ModelConfig(name=f"calibration-{n_layers}x{vocab}", n_layers=n_layers, d_model=64, d_ff=128, n_heads=4,
-                       n_kv_heads=2, d_head=64, vocab=vocab, max_seq_len=max_len)
+                       n_kv_heads=n_kv_heads, d_head=64, vocab=vocab, max_seq_len=max_len)
 
 
 def _with_terms(chip, values: dict):
     """`chip` with the overhead coefficients `values` ({(field, phase): seconds}) and no others."""
     import dataclasses
 
-    fields = {"pass_overhead_s": (), "layer_overhead_s": (), "logit_elem_s": 0.0, "score_elem_s": ()}
+    fields = {"pass_overhead_s": (), "layer_overhead_s": (), "logit_elem_s": 0.0, "score_elem_s": (), "kv_elem_s": ()}
     for (f, phase), v in values.items():
         fields[f] = fields[f] + ((phase, v),) if phase else v
     return dataclasses.replace(chip, **fields)
@@ -323,8 +324,8 @@ def engine_samples(chip, devices=None, quick: bool = False, log=print) -> list[d
     base_chip = _with_terms(chip, {})
     runs = ENGINE_RUNS_QUICK if quick else ENGINE_RUNS
     engines = []
-    for Y, V, B, L in runs:
-        cfg = tiny_config(Y, V, L + steps + 2)
+    for Y, V, B, L, K in runs:
+        cfg = tiny_config(Y, V, L + steps + 2, K)
         sm = ShardedModel(cfg, mesh, devices)
         params = sm.shard_params(reference.init_params(cfg, jax.random.key(0)), weights=weights)
         eng = Engine(ShardedBackend(sm, lay, params), params, slots=B, max_len=L + steps + 2)
@@ -340,15 +341,15 @@ def engine_samples(chip, devices=None, quick: bool = False, log=print) -> list[d
             ttfts[i].append(t)
             dec[i] += st
     out = []
-    for (Y, V, B, L), (cfg, eng, _), tt, dd in zip(runs, engines, ttfts, dec):
+    for (Y, V, B, L, K), (cfg, eng, _), tt, dd in zip(runs, engines, ttfts, dec):
         measured = {"prefill": statistics.median(tt), "decode": statistics.median(dd)}
         base = predict_engine(cfg, base_chip, layouts, eng)
         units = [predict_engine(cfg, _with_terms(chip, {t: 1.0}), layouts, eng) for t in OVERHEAD_TERMS]
         for phase, key in (("prefill", "ttft_s"), ("decode", "decode_s")):
-            out.append({"phase": phase, "n_layers": Y, "vocab": V, "batch": B, "input_len": L,
+            out.append({"phase": phase, "n_layers": Y, "vocab": V, "batch": B, "input_len": L, "kv_heads": K,
                         "measured_s": measured[phase], "base_s": base[key],
                         "regressors": [u[key] - base[key] for u in units]})
-        log(f"  engine {Y} layers, V={V}, B={B}, L={L}: prefill {measured['prefill'] * 1e3:.2f} ms, "
+        log(f"  engine {Y} layers, V={V}, B={B}, L={L}, K={K}: prefill {measured['prefill'] * 1e3:.2f} ms, "
             f"decode {measured['decode'] * 1e3:.2f} ms/step")
     return out
 
@@ -374,7 +375,7 @@ def fit_overheads(samples: list[dict]) -> dict:
 
 def overhead_fields(terms: dict) -> dict:
     """{(field, phase): seconds} -> the ChipSpec JSON fields."""
-    out: dict = {"pass_overhead_s": {}, "layer_overhead_s": {}, "score_elem_s": {}}
+    out: dict = {"pass_overhead_s": {}, "layer_overhead_s": {}, "score_elem_s": {}, "kv_elem_s": {}}
     for (f, phase), v in terms.items():
         if phase:
             out[f][phase] = v

@@ -18,8 +18,8 @@ FLOPs or by KV loading) plus the communication that is exposed (weight gathers a
 under the matmuls).
 
 A calibrated local chip (`meshlm calibrate`; presets have none of this) adds what was measured
-there: matmuls at the FLOP/s its curve gives for their row count M, a cost per attention score,
-and the engine's fixed costs per pass, per layer and per sampled logit (docs/costmodel.md,
+there: matmuls at the FLOP/s its curve gives for their row count M, a cost per attention score
+and per cached K/V element, and the engine's fixed costs per pass, per layer and per sampled logit (docs/costmodel.md,
 "Calibrated local chips"). `logits="last"` prices prefill's output projection for the last
 position only, as meshlm's engine runs it; the default is the paper's 2N per token.
 """
@@ -104,6 +104,7 @@ class PassCost:
     comm_latency_s: float  # ring-step latency term of every collective
     comm_bytes: float  # bytes this chip sends per pass (sum of collective buffers)
     score_mem_s: float = 0.0  # measured cost of the materialised L x S attention scores (calibrated chips)
+    kv_extra_s: float = 0.0  # measured per-K/V-element handling beyond the bandwidth read (calibrated chips)
     overhead_s: float = 0.0  # measured fixed costs: per pass, per layer, sampling over V (calibrated chips)
 
     @property
@@ -112,7 +113,7 @@ class PassCost:
 
     @property
     def memory_s(self) -> float:
-        return self.weight_mem_s + self.kv_mem_s + self.score_mem_s
+        return self.weight_mem_s + self.kv_mem_s + self.score_mem_s + self.kv_extra_s
 
     @property
     def communication_s(self) -> float:
@@ -121,7 +122,7 @@ class PassCost:
     @property
     def total_s(self) -> float:
         return (max(self.matmul_s, self.weight_mem_s) + max(self.attn_s, self.kv_mem_s) + self.score_mem_s
-                + self.communication_s + self.overhead_s)
+                + self.kv_extra_s + self.communication_s + self.overhead_s)
 
     def scaled(self, k: float) -> "PassCost":
         return PassCost(*(getattr(self, f) * k for f in self.__dataclass_fields__))
@@ -294,8 +295,9 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     # materialised (and masked, softmaxed) at a measured cost per score, and every pass has fixed
     # costs plus sampling over the B x V logits.
     scores = dict(chip.score_elem_s).get(phase, 0.0) * tokens * kv_len * h_served * cfg.n_layers / n
+    kv_extra = dict(chip.kv_elem_s).get(phase, 0.0) * kv_bytes_dev / chip.act_bytes
     overhead = chip.overhead_s(phase, cfg.n_layers) + chip.logit_elem_s * b_served * cfg.vocab
-    return PassCost(matmul, attn, wmem, kvmem, exposed, lat_s, nbytes, scores, overhead)
+    return PassCost(matmul, attn, wmem, kvmem, exposed, lat_s, nbytes, scores, kv_extra, overhead)
 
 
 def memory_per_chip(cfg: ModelConfig, layout: Layout, phase: str, batch: int, input_len: int,
@@ -354,7 +356,8 @@ def estimate(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch
     ph = step.scaled(steps)
     breakdown = {"compute": ph.compute_s, "memory": ph.memory_s, "communication": ph.communication_s,
                  "matmul": ph.matmul_s, "attention": ph.attn_s, "weight_load": ph.weight_mem_s,
-                 "kv_load": ph.kv_mem_s, "score_load": ph.score_mem_s, "comm_bandwidth": ph.comm_bw_s,
+                 "kv_load": ph.kv_mem_s, "score_load": ph.score_mem_s, "kv_extra": ph.kv_extra_s,
+                 "comm_bandwidth": ph.comm_bw_s,
                  "comm_latency": ph.comm_latency_s, "overhead": ph.overhead_s}
     return Estimate(model=cfg.name, chip=chip.name, phase=phase, batch=batch, input_len=input_len,
                     gen_len=gen_len, layout=layout, latency_s=latency, step_latency_s=latency / steps, mfu=mfu,
