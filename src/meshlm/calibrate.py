@@ -12,9 +12,10 @@ simulated devices share the cores, so a per-device number measured alone would o
   formats (through `quant.dot_rows`, so whatever kernel the engine uses is what is timed), with the
   weights in cache: the compute side of the roofline whose memory side is the bandwidth above;
 - the engine's fixed costs (`calibrate_engine`): tiny models (d_model 64) of 2 and 8 layers, two
-  vocabularies, short and long prompts, run through the real engine (prefill, decode steps); what
-  the cost model does not explain of their times is fitted as a per-pass intercept and a per-layer
-  slope per phase, seconds per sampled logit (B x V) and, for prefill, per attention score.
+  vocabularies, short and long prompts, 2 and 4 KV heads, run through the real engine (prefill,
+  decode steps); what the cost model does not explain of their times is fitted, per phase, as a
+  per-pass intercept, a per-layer slope, seconds per attention score and per cached K/V element,
+  and seconds per sampled logit (B x V).
 
 Each number is the median of several timed runs after a warm-up (compile excluded). The points of
 the matmul curve and the tiny models are timed in round-robin passes, so on a shared host they all
