@@ -16,7 +16,7 @@ from meshlm import comm
 from meshlm.collectives import (ag_matmul, all_gather, all_to_all, gather_blocks, group_index, local_slice,
                                 matmul_rs, psum, reduce_scatter)
 from meshlm.layouts import Layout, parse_spec
-from meshlm.model import act, apply_norm, attend, norm_stats, rotary
+from meshlm.model import act, apply_norm, attend, attend_causal, norm_stats, rotary
 from meshlm.quant import dot_rows, dot_t, is_quantized
 from meshlm.sharded_params import Geometry
 
@@ -244,9 +244,7 @@ class Body:
         valid = (pos < lengths[:, None])[:, :, None, None]
         ck = lax.dynamic_update_slice_in_dim(ck, jnp.where(valid, k.astype(ck.dtype), ck[:, :L]), 0, axis=1)
         cv = lax.dynamic_update_slice_in_dim(cv, jnp.where(valid, v.astype(cv.dtype), cv[:, :L]), 0, axis=1)
-        key = jnp.arange(L)[None, None, :]
-        mask = (key <= pos[:, :, None]) & (key < lengths[:, None, None])
-        o = attend(q.reshape(b, L, k.shape[2], -1, q.shape[3]), k, v, mask)
+        o = attend_causal(q.reshape(b, L, k.shape[2], -1, q.shape[3]), k, v, lengths)
         return o.reshape(q.shape), (ck, cv)
 
     def attend_decode(self, q, k, v, cache, positions):
