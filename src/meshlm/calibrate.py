@@ -9,8 +9,8 @@ simulated devices share the cores, so a per-device number measured alone would o
 - collectives: all-gather and all-reduce over all devices at several sizes; a least-squares line
   t = latency + bytes / bandwidth gives the link bandwidth and the per-collective latency;
 - the matmul curve: achieved FLOP/s against M, the rows of the activation, for the engine's weight
-  formats (through `quant.dot_rows`, so whatever kernel the engine uses is what is timed), with the
-  weights in cache: the compute side of the roofline whose memory side is the bandwidth above;
+  formats (through `quant.dot_rows`, so whatever kernel the engine uses is what is timed), over a
+  chain of E x F / F x E matrices larger than the last-level cache;
 - the engine's fixed costs (`calibrate_engine`): tiny models (d_model 64) of 2 and 8 layers, two
   vocabularies, short and long prompts, 2 and 4 KV heads, run through the real engine (prefill,
   decode steps); what the cost model does not explain of their times is fitted, per phase, as a
@@ -143,22 +143,22 @@ def measure_collectives(mesh, n: int, sizes_bytes: list[int]) -> tuple[float, fl
 
 CURVE_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 CURVE_M_QUICK = (1, 8, 64, 512)
-CURVE_E, CURVE_F = 512, 2048  # an f32 pair is 8 MiB: in the last-level cache of a server CPU
-CURVE_CHAIN = 8  # the pair applied 8 times below M = 256: milliseconds per call, not microseconds
+CURVE_E, CURVE_F = 1024, 4096
 _DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 
 
-def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, shape=(CURVE_E, CURVE_F),
+def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes: int, shape=(CURVE_E, CURVE_F),
                          log=print) -> list[tuple[int, float]]:
-    """[(M, FLOP/s per device)]: x [M, E] through one weight pair W_in [E, F], W_out [F, E] (an
-    MLP without the activation) applied CURVE_CHAIN times, weights stored as `weights` (f32, bf16
-    or int8) and multiplied by `quant.dot_rows` in the compute dtype, every device at once. The
-    pair fits in the last-level cache, so this is the compute side of the roofline (int8: the
-    dequantization too); streaming weights from memory is the measured bandwidth's term
-    (costmodel: max(matmul, weight load)). From M = 256 up the pair is applied once (compute-bound)
-    to keep the calibration short."""
+    """[(M, FLOP/s per device)]: x [M, E] through pairs W_in [E, F], W_out [F, E] (an MLP chain
+    without the activation), weights stored as `weights` (f32, bf16 or int8), multiplied by
+    `quant.dot_rows` in the compute dtype, every device at once. The chain holds min_bytes of
+    weights per device (more than the last-level cache, so small M pays the weight streaming as a
+    decode step does); from M = 256 up one pair suffices (compute-bound: the weight is reused by
+    every row) and keeps the calibration short."""
     E, F = shape
     dt = jnp.dtype(_DTYPES.get(compute, compute))
+    wbytes = 1 if weights == "int8" else jnp.dtype(_DTYPES.get(weights, weights)).itemsize
+    full = max(1, math.ceil(min_bytes / (2 * E * F * wbytes)))
     rng = np.random.default_rng(0)
 
     def stored(rows, cols):
@@ -169,22 +169,23 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, shape=(CU
         q = quant.quantize(w, axis=-1)
         return _put(mesh, jnp.asarray(q["q"].reshape(n * rows, cols))), jnp.asarray(q["s"])
 
-    (w_in, s_in), (w_out, s_out) = stored(E, F), stored(F, E)
+    mats = [stored(E, F) if i % 2 == 0 else stored(F, E) for i in range(2 * full)]
     calls, work = [], []
     for m in ms:
-        k = CURVE_CHAIN if m < 256 else 1
+        k = full if m < 256 else 1
+        ws = [w for w, _ in mats[:2 * k]]
+        scales = [s for _, s in mats[:2 * k]]
 
-        def body(x, w_in, w_out, k=k):
-            for _ in range(k):
-                for w, s in ((w_in, s_in), (w_out, s_out)):
-                    x = quant.dot_rows(x, w, dt)
-                    if s is not None:
-                        x = x * s.astype(dt)  # per output column, as the engine applies it
+        def body(x, *ws, scales=scales):
+            for w, s in zip(ws, scales):
+                x = quant.dot_rows(x, w, dt)
+                if s is not None:
+                    x = x * s.astype(dt)  # per output column, as the engine applies it
             return x
 
         x = _put(mesh, jnp.asarray(rng.standard_normal((n * m, E), np.float32), dtype=dt))
-        f = _per_device(mesh, body, x, w_in, w_out)
-        calls.append(lambda f=f, x=x: jax.block_until_ready(f(x, w_in, w_out)))
+        f = _per_device(mesh, body, x, *ws)
+        calls.append(lambda f=f, x=x, ws=ws: jax.block_until_ready(f(x, *ws)))
         work.append(4.0 * m * E * F * k)
     out = [(m, w / t) for m, w, t in zip(ms, work, _interleaved(calls, rounds=7))]
     log(f"  {weights}: " + ", ".join(f"M={m} {r / 1e9:.0f}" for m, r in out) + " GFLOP/s")
@@ -211,12 +212,13 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
         log(f"all-gather over {n} devices, {len(sizes)} sizes ...")
         cal.collective_bw, cal.collective_latency_s, cal.samples["all_gather"] = measure_collectives(mesh, n, sizes)
     compute = "f32" if on_cpu else "bf16"
+    min_bytes = ((64 << 20) // n if on_cpu else 512 << 20) if not quick else 4 << 20
     shape = (256, 1024) if quick else (CURVE_E, CURVE_F)
-    log(f"matmul curve: [M, {shape[0]}] x a {shape[0]}x{shape[1]} weight pair in cache, M in "
+    log(f"matmul curve: [M, {shape[0]}] x chained {shape[0]}x{shape[1]} weights, M in "
         f"{list(CURVE_M_QUICK if quick else CURVE_M)} ...")
     for w in (compute, "int8"):
         cal.matmul_curve[w] = measure_matmul_curve(mesh, n, w, compute, CURVE_M_QUICK if quick else CURVE_M,
-                                                   shape, log)
+                                                   min_bytes, shape, log)
     return cal
 
 
