@@ -109,20 +109,10 @@ def measure(d, c: Config, repeats: int = 3, prompt_ids: list[list[int]] | None =
 
 
 def predict(d, c: Config) -> dict:
-    """The cost model for exactly what ran (see predict_engine)."""
+    """The cost model for exactly what ran (meshlm.deploy.predict_engine)."""
+    from meshlm.deploy import predict_engine
+
     return predict_engine(d.model.cfg, d.chip, d.layouts, d.engine)
-
-
-def predict_engine(cfg, chip, layouts: dict, eng) -> dict:
-    """The cost model for what the engine `eng` last ran, with its accounting: prefill of the
-    padded (B, L) bucket projecting only each prompt's last position to logits; a decode step of
-    every slot attending over the whole cache of max_len positions (the dense cache it reads)."""
-    from meshlm.costmodel import estimate
-
-    B, L = eng.stats.prefill_shape
-    pre = estimate(cfg, chip, layouts["prefill"], "prefill", B, L, 1, logits="last")
-    dec = estimate(cfg, chip, layouts["decode"], "decode", eng.slots, max(1, eng.max_len - 1), 1)
-    return {"ttft_s": pre.latency_s, "decode_s": dec.step_latency_s, "prefill": pre, "decode": dec}
 
 
 def decode_bytes_per_device(d) -> float:
@@ -311,6 +301,6 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
     plt.close(fig)
 
 
-__all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "run_once", "predict", "predict_engine",
+__all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "run_once", "predict",
            "utilization", "decode_bytes_per_device", "configs", "run", "on_prompts", "machine", "write_json",
            "table", "format_row", "rel_err", "error_summary", "summary_lines", "decode_curve", "plot"]

@@ -312,7 +312,8 @@ def engine_samples(chip, devices=None, quick: bool = False, log=print) -> list[d
     what the cost model predicts for them on `chip` without overheads, and the regressors (the
     prediction's change for a unit value of each term of OVERHEAD_TERMS)."""
     from meshlm import reference
-    from meshlm.bench import predict_engine, prompts, run_once
+    from meshlm.bench import prompts, run_once
+    from meshlm.deploy import predict_engine
     from meshlm.deploy import ShardedBackend
     from meshlm.engine import Engine
     from meshlm.layouts import Layout, MeshShape

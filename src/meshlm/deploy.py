@@ -164,18 +164,25 @@ def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshSh
     return Deployment(loaded, chip, lay, est, eng, TextGenerator(eng, loaded.tokenizer))
 
 
-def measured_vs_predicted(d: Deployment, prompt_len: int) -> dict[str, dict[str, float]]:
-    """The last run's measured latencies beside the cost model's for exactly what ran: prefill of
-    the padded (B, L) bucket, and decode steps of all slots at the prompt's context length."""
-    s, cfg = d.engine.stats, d.model.cfg
+def predict_engine(cfg, chip, layouts: dict, eng) -> dict:
+    """The cost model for what the engine `eng` last ran, with its accounting: prefill of the
+    padded (B, L) bucket projecting only each prompt's last position to logits; a decode step of
+    every slot attending over the whole cache of max_len positions (the dense cache it reads)."""
+    B, L = eng.stats.prefill_shape
+    pre = estimate(cfg, chip, layouts["prefill"], "prefill", max(B, 1), max(L, 1), 1, logits="last")
+    dec = estimate(cfg, chip, layouts["decode"], "decode", eng.slots, max(1, eng.max_len - 1), 1)
+    return {"ttft_s": pre.latency_s, "decode_s": dec.step_latency_s, "prefill": pre, "decode": dec}
+
+
+def measured_vs_predicted(d: Deployment) -> dict[str, dict[str, float]]:
+    """The last run's measured latencies beside the cost model's for exactly what ran (`predict_engine`)."""
+    s = d.engine.stats
     B, L = s.prefill_shape
-    steps = max(1, s.decode_steps)
-    pre = estimate(cfg, d.chip, d.layouts["prefill"], "prefill", max(B, 1), max(L, 1), 1)
-    dec = estimate(cfg, d.chip, d.layouts["decode"], "decode", d.engine.slots, max(1, prompt_len), steps)
-    return {"prefill": {"predicted_s": pre.latency_s, "measured_s": s.ttft_s or 0.0, "batch": B, "length": L},
-            "decode": {"predicted_s_per_token": dec.step_latency_s, "measured_s_per_token": s.decode_s_per_step,
+    p = predict_engine(d.model.cfg, d.chip, d.layouts, d.engine)
+    return {"prefill": {"predicted_s": p["ttft_s"], "measured_s": s.ttft_s or 0.0, "batch": B, "length": L},
+            "decode": {"predicted_s_per_token": p["decode_s"], "measured_s_per_token": s.decode_s_per_step,
                        "batch": d.engine.slots, "steps": s.decode_steps}}
 
 
 __all__ = ["ShardedBackend", "Deployment", "deploy", "choose_layouts", "local_chip", "generic_cpu_spec",
-           "measured_vs_predicted"]
+           "measured_vs_predicted", "predict_engine"]

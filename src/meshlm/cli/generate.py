@@ -105,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps({"model": d.model.source, "prompt": args.prompt, "prompt_token_ids": ids, **out,
                           "finish_reason": st.finish.get(0, "length"), "ttft_s": st.ttft_s,
                           "decode_s_per_token": st.decode_s_per_step, "layouts": d.layouts_json(),
-                          "latency": measured_vs_predicted(d, len(ids)), "compile_s": compile_s,
+                          "latency": measured_vs_predicted(d), "compile_s": compile_s,
                           "chip": d.chip.name}))
         return 0
     print(_describe(d), file=sys.stderr)
@@ -113,14 +113,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(delta[1])
         sys.stdout.flush()
     sys.stdout.write("\n")
-    _print_timing(d, len(ids))
+    _print_timing(d)
     return 0
 
 
-def _print_timing(d, prompt_len: int) -> None:
+def _print_timing(d) -> None:
     from meshlm.deploy import measured_vs_predicted
 
-    m = measured_vs_predicted(d, prompt_len)
+    m = measured_vs_predicted(d)
     p, dd = m["prefill"], m["decode"]
     print(f"prefill {d.layouts['prefill'].short}: {p['measured_s'] * 1e3:.1f} ms measured "
           f"(predicted {p['predicted_s'] * 1e3:.1f} ms); decode {d.layouts['decode'].short}: "
@@ -185,7 +185,7 @@ def real_model_demo(n_devices: int = 8, max_tokens: int = 24, console: Any = Non
         console.print(f"[bold]{_describe(d)}[/bold] ({how})\n> {DEMO_PROMPT}")
         answer = "".join(d.text.stream(DEMO_PROMPT, sp, chat=True))
         console.print(answer.strip() + "\n")
-        m = measured_vs_predicted(d, len(ids))
+        m = measured_vs_predicted(d)
         for phase in ("prefill", "decode"):
             lay, r = d.layouts[phase], m[phase]
             pred = r.get("predicted_s", r.get("predicted_s_per_token"))
