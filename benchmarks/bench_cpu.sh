@@ -1,6 +1,7 @@
 #!/bin/sh
-# Every measurement in docs/performance.md, in order (~30 minutes on the 2-core development host).
-# Writes benchmarks/results/bench_cpu_*.json, the decode plot and the two comparisons' JSON.
+# Every measurement in docs/performance.md, in order (~35 minutes on the 2-core development host;
+# the comparisons first, while the host is quietest). Writes benchmarks/results/bench_cpu_*.json,
+# the decode plot and the two comparisons' JSON.
 # MESHLM_HOME (default ~/.cache/meshlm) decides where the calibration goes and what bench reads.
 set -e
 cd "$(dirname "$0")/.."
@@ -9,14 +10,14 @@ mkdir -p $R
 uptime
 meshlm calibrate
 uptime
-meshlm bench --batch 1,4,16,64 --input-len 16,128,1024 --gen-len 16 --quantize none,int8 --repeats 1 \
-    --json $R/bench_cpu_grid.json --plot $R/bench_cpu_decode.png
-uptime
-meshlm bench --batch 1,8 --input-len 512,1024 --gen-len 16 --quantize none --repeats 1 --json $R/bench_cpu_long.json
-uptime
-meshlm bench --batch 8 --input-len 512 --gen-len 16 --quantize none,int8 --repeats 1 --json $R/bench_cpu_prefill.json
+python benchmarks/vs_llamacpp.py --batch 1,8 --prompt-len 128 --gen-len 64 --repeats 2
 uptime
 python benchmarks/vs_transformers.py --batch 1 --prompt-len 128 --gen-len 64 --repeats 2
 uptime
-python benchmarks/vs_llamacpp.py --batch 1,8 --prompt-len 128 --gen-len 64 --repeats 2
+meshlm bench --batch 8 --input-len 512 --gen-len 16 --quantize none,int8 --repeats 2 --json $R/bench_cpu_prefill.json
+uptime
+meshlm bench --batch 1,4,16,64 --input-len 16,128 --gen-len 16 --quantize none,int8 --repeats 1 \
+    --json $R/bench_cpu_grid.json --plot $R/bench_cpu_decode.png
+uptime
+meshlm bench --batch 1,4,16 --input-len 1024 --gen-len 16 --quantize none,int8 --repeats 1 --json $R/bench_cpu_long.json
 uptime
