@@ -187,7 +187,13 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
         f = _per_device(mesh, body, x, *ws)
         calls.append(lambda f=f, x=x, ws=ws: jax.block_until_ready(f(x, *ws)))
         work.append(4.0 * m * E * F * k)
-    out = [(m, w / t) for m, w, t in zip(ms, work, _interleaved(calls, rounds=7))]
+    # the streamed (M < 256) and the compute-bound points are interleaved separately: a large-M
+    # call between two streamed ones slowed them by a third (its big buffers, its page faults)
+    small = [i for i, m in enumerate(ms) if m < 256]
+    large = [i for i, m in enumerate(ms) if m >= 256]
+    times = dict(zip(small, _interleaved([calls[i] for i in small], rounds=7)))
+    times.update(zip(large, _interleaved([calls[i] for i in large], rounds=7)))
+    out = [(m, work[i] / times[i]) for i, m in enumerate(ms)]
     log(f"  {weights}: " + ", ".join(f"M={m} {r / 1e9:.0f}" for m, r in out) + " GFLOP/s")
     return out
 
@@ -212,7 +218,9 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
         log(f"all-gather over {n} devices, {len(sizes)} sizes ...")
         cal.collective_bw, cal.collective_latency_s, cal.samples["all_gather"] = measure_collectives(mesh, n, sizes)
     compute = "f32" if on_cpu else "bf16"
-    min_bytes = ((64 << 20) // n if on_cpu else 512 << 20) if not quick else 4 << 20
+    # 256 MiB: each call's fixed cost (dispatch, waking the threads, ~1 ms on CPU) is priced on its
+    # own (pass_overhead_s); over a 64 MiB chain it halved the M = 1 rate (19 vs 29-34 GB/s).
+    min_bytes = ((256 << 20) // n if on_cpu else 512 << 20) if not quick else 4 << 20
     shape = (256, 1024) if quick else (CURVE_E, CURVE_F)
     log(f"matmul curve: [M, {shape[0]}] x chained {shape[0]}x{shape[1]} weights, M in "
         f"{list(CURVE_M_QUICK if quick else CURVE_M)} ...")
