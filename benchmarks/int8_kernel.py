@@ -16,7 +16,6 @@ the machine is shared, so the load average is recorded too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshlm import kernels, quant
+from meshlm.bench import write_json
 from meshlm.calibrate import _time as median_time  # median after a warm-up (compiling) call
 
 E, F3, F = 576, 3648, 1536
@@ -111,10 +111,8 @@ def main(argv=None) -> int:
         record("crossover_t", M, "xla", _time(jax.jit(quant.xla_dot_t), (x, t), args.repeats), t.size)
     out = {"host": platform.node(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "jax": jax.__version__,
            "layers": args.layers, "repeats": args.repeats, "kernel_max_m": quant.KERNEL_MAX_M, "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"load average {os.getloadavg()}; wrote {args.out}")
+    write_json(args.out, out)
+    print(f"load average {os.getloadavg()}")
     return 0
 
 

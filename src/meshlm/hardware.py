@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from meshlm.errors import MeshlmError
 from meshlm.layouts import MeshShape
+from meshlm.paths import home
 
 TOPOLOGIES = ("3d-torus", "2d-torus", "nvlink-switch", "switch")
 GiB = 1024**3
@@ -291,7 +291,7 @@ def _pairs(v: Any):
 
 def local_spec_path() -> Path:
     """Where `meshlm calibrate` writes by default: what `--hardware local` reads."""
-    return Path(os.environ.get("MESHLM_HOME", Path.home() / ".cache" / "meshlm")) / "local.json"
+    return home() / "local.json"
 
 
 def load_chip(name_or_path: str) -> ChipSpec:

@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from meshlm.paths import home
+
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 
 
@@ -23,8 +25,7 @@ class BuildError(Exception):
 
 
 def cache_dir() -> Path:
-    home = Path(os.environ.get("MESHLM_HOME", Path.home() / ".cache" / "meshlm"))
-    return home / "kernels"
+    return home() / "kernels"
 
 
 def _cpu_id() -> str:
