@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from meshlm.errors import MeshlmError
-from meshlm.sampling import SamplingParams, batch_arrays, sample
+from meshlm.sampling import SamplingParams, argmax, batch_arrays, sample
 
 PROBS = np.array([0.05, 0.4, 0.3, 0.15, 0.1], np.float32)  # argmax 1; sorted: 1, 2, 3, 4, 0
 _sample = jax.jit(sample)
@@ -26,6 +26,15 @@ def test_greedy_rows_take_argmax_in_a_mixed_batch():
     ids = np.asarray(_sample(logits, jnp.zeros(4, jnp.int32), sp))
     want = np.argmax(np.asarray(logits), -1)
     assert ids[[0, 2, 3]].tolist() == want[[0, 2, 3]].tolist()
+
+
+def test_argmax_takes_the_first_of_tied_maxima_like_numpy():
+    rng = np.random.RandomState(1)
+    x = rng.randint(-3, 4, size=(64, 300)).astype(np.float32)  # many ties
+    x[5] = -np.inf
+    x[6, 17] = np.inf
+    got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32 and got.tolist() == np.argmax(x, -1).tolist()
 
 
 def test_temperature_one_follows_the_distribution():

@@ -58,9 +58,7 @@ def row_block(R: int) -> int | None:
 def use_kernel(M: int, transposed: bool = False) -> bool:
     """Whether an int8 dot (x @ q, or x @ q.T when transposed) with M activation rows goes to the
     CPU kernel (on CPU)."""
-    if M > (KERNEL_MAX_M_T if transposed else KERNEL_MAX_M) or jax.default_backend() != "cpu":
-        return False  # on accelerator hosts nothing is compiled: the XLA branch is the one lowered
-    return kernels.available()
+    return M <= (KERNEL_MAX_M_T if transposed else KERNEL_MAX_M) and kernels.enabled()
 
 
 def dot_rows(x, w, dtype):

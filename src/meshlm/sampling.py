@@ -55,9 +55,19 @@ def sample(logits, positions, sp: dict) -> jax.Array:
 
     Greedy rows take the argmax; the sort that top-k/top-p need runs only when some row samples."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
     return jax.lax.cond(jnp.any(sp["temperature"] > 0), lambda: _sampled(logits, positions, sp, greedy),
                         lambda: greedy)
+
+
+def argmax(logits) -> jax.Array:
+    """The first index of each row's max, [B, V] -> [B] int32: a max and a min, which XLA:CPU
+    vectorizes (its variadic argmax reduce took 0.26 ms over SmolLM2's 49152 logits, 3% of a decode
+    step; this takes ~0.04 ms). A row with NaN gives 0."""
+    V = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(logits == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.where(idx < V, idx, 0)
 
 
 def _sampled(logits, positions, sp, greedy):

@@ -16,7 +16,7 @@ from meshlm import comm
 from meshlm.collectives import (ag_matmul, all_gather, all_to_all, gather_blocks, group_index, local_slice,
                                 matmul_rs, psum, reduce_scatter)
 from meshlm.layouts import Layout, parse_spec
-from meshlm.model import act, apply_norm, attend, attend_causal, norm_stats, rotary
+from meshlm.model import act, apply_norm, attend_causal, attend_one, norm_stats, rotary
 from meshlm.quant import dot_rows, dot_t, is_quantized
 from meshlm.sharded_params import Geometry
 
@@ -256,8 +256,7 @@ class Body:
         bi = jnp.arange(b)
         ck = ck.at[bi, positions].set(k[:, 0].astype(ck.dtype), mode="drop")
         cv = cv.at[bi, positions].set(v[:, 0].astype(cv.dtype), mode="drop")
-        mask = jnp.arange(ck.shape[1])[None, None, :] <= pos[:, :, None]
-        o = attend(q.reshape(b, 1, ck.shape[2], -1, q.shape[3]), ck.astype(q.dtype), cv.astype(q.dtype), mask)
+        o = attend_one(q.reshape(b, ck.shape[2], -1, q.shape[3]), ck, cv, positions)
         return o.reshape(q.shape), (ck, cv)
 
     # ---- embedding, layers, logits ------------------------------------------------------------

@@ -1,8 +1,12 @@
 """Hand-written CPU kernels, called from jitted JAX code as XLA FFI custom calls.
 
-`int8_matmul(x, q)` = x @ q and `int8_matmul_t(x, q)` = x @ q.T for f32 x [M, R] and an int8
-weight (unscaled): they read each int8 weight once and widen it in registers (int8_matmul.cc),
-which XLA:CPU's own int8 paths do not. The library is compiled on first use with the system g++
+- `int8_matmul(x, q)` = x @ q and `int8_matmul_t(x, q)` = x @ q.T for f32 x [M, R] and an int8
+  weight (unscaled): they read each int8 weight once and widen it in registers (int8_matmul.cc),
+  which XLA:CPU's own int8 paths do not.
+- `decode_attention(q, k, v, positions)`: one query position per sequence against the KV cache as
+  stored, each cached row read once (decode_attention.cc); XLA:CPU's dots copy the cache transposed.
+
+The library is compiled on first use with the system g++
 (cached under $MESHLM_HOME/kernels) and registered for platform "cpu" only; call these on CPU
 (e.g. from a `jax.lax.platform_dependent` branch). `available()` says whether they can be used;
 when not (MESHLM_KERNELS=0, no compiler, a failed build), `reason()` says why, logged once."""
@@ -10,6 +14,7 @@ when not (MESHLM_KERNELS=0, no compiler, a failed build), `reason()` says why, l
 from __future__ import annotations
 
 import ctypes
+import math
 import logging
 import os
 import subprocess
@@ -18,29 +23,30 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from meshlm.kernels.build import BuildError, build
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("int8_matmul.cc")
-_TARGETS = ("meshlm_int8_matmul", "meshlm_int8_matmul_t")
+_SOURCES = [Path(__file__).with_name(f) for f in ("ffi_common.h", "int8_matmul.cc", "decode_attention.cc")]
+_TARGETS = ("meshlm_int8_matmul", "meshlm_int8_matmul_t", "meshlm_decode_attention")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive: XLA holds its pointers)
 
 
 def _load() -> tuple[bool, str]:
     if os.environ.get("MESHLM_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False, "int8 CPU kernel disabled by MESHLM_KERNELS=0; using the XLA int8 path"
+        return False, "CPU kernels disabled by MESHLM_KERNELS=0; using the XLA paths"
     try:
-        lib_path = build(_SOURCE, jax.ffi.include_dir(), f"jax {jax.__version__}")
+        lib_path = build(_SOURCES, "meshlm_kernels", jax.ffi.include_dir(), f"jax {jax.__version__}")
         lib = ctypes.cdll.LoadLibrary(str(lib_path))
         for name in _TARGETS:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     except (BuildError, OSError, subprocess.SubprocessError, AttributeError, ValueError) as e:
-        return False, f"int8 CPU kernel unavailable ({e}); using the XLA int8 path"
+        return False, f"CPU kernels unavailable ({e}); using the XLA paths"
     _state["lib"] = lib
-    return True, f"int8 CPU kernel loaded from {lib_path}"
+    return True, f"CPU kernels loaded from {lib_path}"
 
 
 def _ensure() -> None:
@@ -54,6 +60,12 @@ def available() -> bool:
     """True when the kernels are built and registered (builds them on the first call)."""
     _ensure()
     return _state["ok"]
+
+
+def enabled() -> bool:
+    """True when jitted code lowered now runs on CPU and the kernels are built: on accelerator
+    hosts nothing is compiled and callers lower their XLA path alone."""
+    return jax.default_backend() == "cpu" and available()
 
 
 def reason() -> str:
@@ -94,3 +106,21 @@ def int8_matmul(x, q):
 def int8_matmul_t(x, q):
     """f32 [M, C] = x [M, R] @ q.T for q int8 [C, R] (unscaled). CPU only."""
     return _call("int8_matmul_t", x, q, transposed=True)
+
+
+def decode_attention(q, k, v, positions):
+    """o f32 [B, K, G, D]: q [B, K, G, D] (one position per row, roped) against the cache k, v
+    [B, S, K, D] at positions 0..positions[b] (all S when >= S), softmax scaled by D^-1/2. CPU only."""
+    B, K, G, D = q.shape
+    if k.ndim != 4 or k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (B, K, D) or \
+            positions.shape != (B,):
+        raise ValueError(f"decode_attention wants q [B, K, G, D], k, v [B, S, K, D], positions [B]; got q "
+                         f"{q.shape}, k {k.shape}, v {v.shape}, positions {positions.shape}")
+    if not available():
+        raise RuntimeError(reason())
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    f = jax.ffi.ffi_call("meshlm_decode_attention", out, vmap_method="sequential")
+    o = f(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), positions.astype(jnp.int32),
+          scale=np.float32(1.0 / math.sqrt(D)))
+    axes = _varying_axes(q, k, v, positions)
+    return jax.lax.pcast(o, axes, to="varying") if axes else o

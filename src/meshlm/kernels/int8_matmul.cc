@@ -6,10 +6,7 @@
 // The weight is read once from memory as int8 and widened to f32 in registers; one row of x FMAs
 // straight from it, more rows widen each small block once into an L1 buffer that every register
 // tile of MT rows of x then reads. f32 accumulation. Unscaled: the caller applies the per-column
-// scale. Work is split over the XLA:CPU
-// intra-op thread pool; the handler is asynchronous (returns a Future completed by the last task),
-// so no pool thread ever blocks waiting for another: no deadlock when many simulated devices share
-// the pool.
+// scale. Work is split over the XLA:CPU intra-op thread pool (ffi_common.h: run_split).
 
 #include <algorithm>
 #include <atomic>
@@ -19,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "ffi_common.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -27,6 +24,9 @@
 #endif
 
 namespace ffi = xla::ffi;
+using meshlm::failed;
+using meshlm::run_split;
+using meshlm::shape_str;
 
 #define UNROLL _Pragma("GCC unroll 16")  // fixed-trip tile loops: keep accumulators in registers
 
@@ -37,8 +37,6 @@ constexpr int PW = 64;   // columns of q per panel (int8_matmul): one cache line
 constexpr int CT = 4;    // rows of q per tile (int8_matmul_t; 2 * CT for 1-2 rows of x)
 constexpr int RB = 32;   // rows of q per block (int8_matmul)
 constexpr int kPrefetchBytes = 256;
-constexpr int64_t kMinBytesPerTask = 1 << 18;  // smaller weights run inline: scheduling costs more
-constexpr int64_t kChunksPerThread = 4;
 
 #ifdef MESHLM_AVX512
 
@@ -316,47 +314,6 @@ void matmul_t_rows(const float* x, const int8_t* q, float* y, int64_t M, int64_t
   }
 }
 
-ffi::Future failed(ffi::Error error) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetError(std::move(error));
-  return future;
-}
-
-// Splits [0, C) into chunks aligned to `align` that the calling thread and up to threads - 1 pool
-// tasks claim from a shared counter; the returned Future completes when the last chunk is done. A
-// helper that starts late (busy cores: other devices, other processes) finds fewer or no chunks
-// left, so it never makes the call slower than running it inline.
-template <typename Body>
-ffi::Future run_split(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t weight_bytes, Body body) {
-  const int64_t units = (C + align - 1) / align;
-  const int64_t helpers = std::min({std::max<int64_t>(1, pool.num_threads()), units,
-                                    std::max<int64_t>(1, weight_bytes / kMinBytesPerTask)}) - 1;
-  const int64_t chunks = helpers == 0 ? 1 : std::min(units, (helpers + 1) * kChunksPerThread);
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    ffi::CountDownPromise done;
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->done = ffi::CountDownPromise(chunks);
-  ffi::Future future(shared->done);
-  auto work = [shared, body, C, align, units, chunks]() {
-    for (int64_t i; (i = shared->next.fetch_add(1)) < chunks;) {
-      body(std::min(C, units * i / chunks * align), std::min(C, units * (i + 1) / chunks * align));
-      shared->done.CountDown();
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work(); });
-  work();
-  return future;
-}
-
-std::string shape_str(ffi::Span<const int64_t> d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
-}
-
 ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                        ffi::ResultBuffer<ffi::F32> y, bool transposed) {
   auto xd = x.dimensions(), qd = q.dimensions(), yd = y->dimensions();
@@ -369,10 +326,10 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* xp = x.typed_data();
   const int8_t* qp = q.typed_data();
   float* yp = y->typed_data();
-  if (M == 0 || C == 0) return run_split(pool, 1, 1, 0, [](int64_t, int64_t) {});
+  if (M == 0 || C == 0) return meshlm::done_future();
   if (R == 0) {
     std::fill(yp, yp + M * C, 0.f);
-    return run_split(pool, 1, 1, 0, [](int64_t, int64_t) {});
+    return meshlm::done_future();
   }
   if (transposed)
     return run_split(pool, C, 2 * CT, R * C,
