@@ -334,7 +334,7 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   if (transposed)
     return run_split(pool, C, 2 * CT, R * C,
                      [=](int64_t lo, int64_t hi) { matmul_t_rows(xp, qp, yp, M, R, C, lo, hi); });
-  return run_split(pool, C, 2 * PW, R * C,
+  return run_split(pool, C, PW, R * C,  // PW: 576 columns are 9 units, not 5 (a 3:2 split over 2 threads)
                    [=](int64_t lo, int64_t hi) { matmul_cols(xp, qp, yp, M, R, C, lo, hi); });
 }
 
