@@ -11,11 +11,16 @@ simulated devices share the cores, so a per-device number measured alone would o
 - the matmul curve: achieved FLOP/s against M, the rows of the activation, for the engine's weight
   formats (through `quant.dot_rows`, so whatever kernel the engine uses is what is timed), over a
   chain of E x F / F x E matrices larger than the last-level cache;
+- attention as the engine runs it (`measure_attention`, heads of d_head 64): decode over a cache
+  larger than the last-level cache (what its K/V read costs beyond the memory bandwidth becomes
+  seconds per cached element) and causal prefill over 1024-token prompts (what it costs beyond
+  its FLOPs becomes seconds per score);
 - the engine's fixed costs (`calibrate_engine`): tiny models (d_model 64) of 2 and 8 layers, two
-  vocabularies, short and long prompts, 2 and 4 KV heads, run through the real engine (prefill,
-  decode steps); what the cost model does not explain of their times is fitted, per phase, as a
-  per-pass intercept, a per-layer slope, seconds per attention score and per cached K/V element,
-  and seconds per sampled logit (B x V).
+  vocabularies, short and long prompts, run through the real engine (prefill, decode steps); what
+  the cost model (with the measured attention terms) does not explain of their times is fitted,
+  per phase, as a per-pass intercept and a per-layer slope, plus seconds per sampled logit (B x V).
+  (Fitting the attention terms on these tiny models too extrapolated badly: 8 ns per decode score
+  where the engine's decode attention reads the cache at the memory bandwidth.)
 
 Each number is the median of several timed runs after a warm-up (compile excluded). The points of
 the matmul curve and the tiny models are timed in round-robin passes, so on a shared host they all
@@ -47,6 +52,7 @@ class Calibration:
     collective_bw: float = 0.0  # bytes/s per device (all-gather output bytes per second)
     collective_latency_s: float = 0.0
     matmul_curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # format -> [(M, FLOP/s)]
+    attention: dict = field(default_factory=dict)  # measure_attention: seconds and shapes of each case
     samples: dict[str, list] = field(default_factory=dict)
 
 
@@ -172,7 +178,9 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
     mats = [stored(E, F) if i % 2 == 0 else stored(F, E) for i in range(2 * full)]
     calls, work = [], []
     for m in ms:
-        k = full if m < 256 else 1
+        # at least ~1024 rows x one pair of work per call: a single M = 256 pair (~15 ms) swung
+        # from 178 to 283 GFLOP/s between neighbouring points on the shared host
+        k = full if m < 256 else max(1, min(full, 1024 // m))
         ws = [w for w, _ in mats[:2 * k]]
         scales = [s for _, s in mats[:2 * k]]
 
@@ -196,6 +204,63 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
     out = [(m, work[i] / times[i]) for i, m in enumerate(ms)]
     log(f"  {weights}: " + ", ".join(f"M={m} {r / 1e9:.0f}" for m, r in out) + " GFLOP/s")
     return out
+
+
+# Attention as the engine runs it, on heads of a typical size (d_head 64, 3 query heads per KV
+# head): decode over a cache larger than the last-level cache, prefill over long prompts.
+ATTN_DECODE = (4, 4096, 4, 3, 64)  # B, S, K, G, D: 32 MiB of f32 K and V per layer
+ATTN_PREFILL = (1, 1024, 3, 3, 64)  # B, L, K, G, D
+ATTN_DECODE_QUICK, ATTN_PREFILL_QUICK = (2, 1024, 2, 3, 64), (1, 256, 2, 3, 64)
+
+
+def measure_attention(mesh, n: int, quick: bool = False, min_bytes: int = 256 << 20, log=print) -> dict:
+    """Seconds per layer of the engine's decode attention (`model.attend_one`: one query per row
+    against a [B, S, K, D] f32 cache at its last position) and prefill attention
+    (`model.attend_causal` over B x L prompts), every device at once, with the shapes timed.
+    Decode chains enough layers to stream min_bytes of cache per device, as a real step does."""
+    from meshlm.model import attend_causal, attend_one
+
+    rng = np.random.default_rng(0)
+    dshape, pshape = (ATTN_DECODE_QUICK, ATTN_PREFILL_QUICK) if quick else (ATTN_DECODE, ATTN_PREFILL)
+    B, S, K, G, D = dshape
+    layers = max(1, math.ceil((4 << 20 if quick else min_bytes) / (2 * B * S * K * D * 4)))
+    caches = [_put(mesh, jnp.asarray(rng.standard_normal((n * B, S, K, D), np.float32))) for _ in range(2 * layers)]
+    q = _put(mesh, jnp.asarray(rng.standard_normal((n * B, K, G, D), np.float32)))
+    pos = _put(mesh, jnp.full((n * B,), S - 1, jnp.int32))
+
+    def decode(q, pos, *kv):
+        o = q
+        for i in range(layers):  # each layer's query depends on the last one's output
+            o = attend_one(o, kv[2 * i], kv[2 * i + 1], pos) * 0.5 + q
+        return o
+
+    f = _per_device(mesh, decode, q, pos, *caches)
+    t_dec = _time(lambda: f(q, pos, *caches)) / layers
+    del caches
+    B, L, K, G, D = pshape
+    qp = _put(mesh, jnp.asarray(rng.standard_normal((n * B, L, K, G, D), np.float32)))
+    kp, vp = (_put(mesh, jnp.asarray(rng.standard_normal((n * B, L, K, D), np.float32))) for _ in range(2))
+    lengths = _put(mesh, jnp.full((n * B,), L, jnp.int32))
+    g = _per_device(mesh, attend_causal, qp, kp, vp, lengths)
+    t_pre = _time(lambda: g(qp, kp, vp, lengths))
+    log(f"  decode {t_dec * 1e3:.3f} ms per layer (B, S, K, G, D = {dshape}), "
+        f"prefill {t_pre * 1e3:.2f} ms per layer (B, L, K, G, D = {pshape})")
+    return {"decode_s": t_dec, "prefill_s": t_pre, "decode_shape": dshape, "prefill_shape": pshape}
+
+
+def attention_fields(attn: dict, mem_bw: float, flops: float, act_bytes: int) -> dict:
+    """The cost model's attention terms from measure_attention: what the bandwidth read of K/V
+    (decode) and the larger of the score FLOPs and the K/V read (prefill) do not explain goes to
+    kv_elem_s (decode, per cached K/V element) and score_elem_s (prefill, per score of the cost
+    model's full L x L count). Never negative."""
+    B, S, K, G, D = attn["decode_shape"]
+    elems = 2 * B * S * K * D
+    kv_dec = max(0.0, attn["decode_s"] / elems - act_bytes / mem_bw)
+    B, L, K, G, D = attn["prefill_shape"]
+    scores = B * L * L * K * G
+    floor = max(4.0 * scores * D / flops, 2 * B * L * K * D * act_bytes / mem_bw)
+    sc_pre = max(0.0, (attn["prefill_s"] - floor) / scores)
+    return {"score_elem_s": {"prefill": sc_pre, "decode": 0.0}, "kv_elem_s": {"prefill": 0.0, "decode": kv_dec}}
 
 
 def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
@@ -227,6 +292,8 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
     for w in (compute, "int8"):
         cal.matmul_curve[w] = measure_matmul_curve(mesh, n, w, compute, CURVE_M_QUICK if quick else CURVE_M,
                                                    min_bytes, shape, log)
+    log("attention as the engine runs it (decode over a cache past the last-level cache, causal prefill) ...")
+    cal.attention = measure_attention(mesh, n, quick, min_bytes, log)
     return cal
 
 
@@ -261,6 +328,8 @@ def to_chip_dict(cal: Calibration, compute_dtype: str) -> dict:
         "act_bytes": 4 if on_cpu else 2,  # the engine computes (and caches K/V) in f32 on CPU
         "weight_flops": [[d, v] for d, v in cal.matmul_flops.items() if d != compute_dtype],
         "matmul_curve": {w: [[m, r] for m, r in pts] for w, pts in cal.matmul_curve.items()},
+        **(attention_fields(cal.attention, cal.mem_bw, cal.matmul_flops[compute_dtype], 4 if on_cpu else 2)
+           if cal.attention else {}),
         "source": f"meshlm calibrate: {k} x {cal.device_kind} ({cal.platform}), compute dtype {compute_dtype}, "
                   f"matmul FLOP/s per dtype {({d: round(v / 1e9, 2) for d, v in cal.matmul_flops.items()})} G, "
                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {_loadavg()}",
@@ -281,21 +350,17 @@ def _device_memory() -> float:
 
 
 # ---- the engine's fixed costs ----------------------------------------------------------------------
-# (n_layers, vocab, batch, prompt length) of the tiny models timed through the engine: two depths
-# (per-layer slope), two vocabularies and batches (sampling over B x V), short and long prompts,
-# 2 and 4 KV heads (the last element; per-score and per-K/V-element costs come apart)
-# (the L x L attention scores of prefill). d_model 64 keeps every weight in cache, so what the cost
-# model's rates do not explain is the engine's overhead. Heads are typical of real models (d_head
-# 64, two query heads per KV head): the cost per score includes the per-position K/V handling. The
-# long prompts' score tensors (32-64 MiB per layer) exceed the last-level cache, as a real model's do
-# (tiny ones in cache cost half as much per score).
+# (n_layers, vocab, batch, prompt length, KV heads) of the tiny models timed through the engine:
+# two depths (per-layer slope), two vocabularies and batches (sampling over B x V), short and long
+# prompts. d_model 64 keeps every weight in cache, so what the cost model (with the attention terms
+# measured directly, measure_attention) does not explain is the engine's fixed cost per pass, per
+# layer and per sampled logit.
 ENGINE_RUNS = ((2, 512, 1, 16, 2), (8, 512, 1, 16, 2), (2, 32768, 1, 16, 2), (2, 32768, 8, 16, 2),
                (2, 512, 4, 1024, 2), (8, 512, 2, 1024, 2), (2, 512, 4, 1024, 4))
 ENGINE_RUNS_QUICK = ((2, 512, 1, 16, 2), (8, 512, 1, 16, 2), (2, 4096, 4, 128, 2))
 # (field, phase) of every fitted coefficient: a unit value of each gives its regressor
-OVERHEAD_TERMS = (("pass_overhead_s", "prefill"), ("layer_overhead_s", "prefill"), ("score_elem_s", "prefill"),
-                  ("kv_elem_s", "prefill"), ("pass_overhead_s", "decode"), ("layer_overhead_s", "decode"),
-                  ("score_elem_s", "decode"), ("kv_elem_s", "decode"), ("logit_elem_s", None))
+OVERHEAD_TERMS = (("pass_overhead_s", "prefill"), ("layer_overhead_s", "prefill"), ("pass_overhead_s", "decode"),
+                  ("layer_overhead_s", "decode"), ("logit_elem_s", None))
 
 
 def tiny_config(n_layers: int, vocab: int, max_len: int, n_kv_heads: int = 2):
@@ -306,10 +371,11 @@ def tiny_config(n_layers: int, vocab: int, max_len: int, n_kv_heads: int = 2):
 
 
 def _with_terms(chip, values: dict):
-    """`chip` with the overhead coefficients `values` ({(field, phase): seconds}) and no others."""
+    """`chip` with the fixed-cost coefficients `values` ({(field, phase): seconds}) and no other
+    fixed costs (its measured attention terms are kept)."""
     import dataclasses
 
-    fields = {"pass_overhead_s": (), "layer_overhead_s": (), "logit_elem_s": 0.0, "score_elem_s": (), "kv_elem_s": ()}
+    fields = {"pass_overhead_s": (), "layer_overhead_s": (), "logit_elem_s": 0.0}
     for (f, phase), v in values.items():
         fields[f] = fields[f] + ((phase, v),) if phase else v
     return dataclasses.replace(chip, **fields)
@@ -387,7 +453,7 @@ def fit_overheads(samples: list[dict]) -> dict:
 
 def overhead_fields(terms: dict) -> dict:
     """{(field, phase): seconds} -> the ChipSpec JSON fields."""
-    out: dict = {"pass_overhead_s": {}, "layer_overhead_s": {}, "score_elem_s": {}, "kv_elem_s": {}}
+    out: dict = {"pass_overhead_s": {}, "layer_overhead_s": {}}
     for (f, phase), v in terms.items():
         if phase:
             out[f][phase] = v
