@@ -18,10 +18,14 @@ from meshlm import kernels
 
 ROW_BLOCK = 256
 # Rows of x up to which the CPU kernel beats the XLA path (benchmarks/int8_kernel.py "crossover",
-# medians of 3 runs): x @ q wins through M = 64 (1.7 vs 2.3 ms), ties at 256, loses at 1024 (Eigen's
-# GEMM); x @ q.T wins through 16 (1.6 vs 2.0 ms) and loses at 64 (11 vs 4.3 ms).
-KERNEL_MAX_M = 64
+# medians of 7 runs, 2026-11-22): x @ q wins through M = 128 (2.7 vs 4.6 ms), ties at 256 (4.9 ms
+# each), loses at 512 (10.7 vs 6.9 ms, Eigen's GEMM); x @ q.T wins through 16 and loses at 64.
+# Up to the tie the kernel also spares what the XLA path costs after it: it converts each weight
+# to a fresh f32 temporary, and over a model (SmolLM2 prefill of 128 tokens: ~0.5 GB of them) that
+# churn made the next call on this VM up to 9x slower (benchmarks: decode after a 128-token prefill).
+KERNEL_MAX_M = 256
 KERNEL_MAX_M_T = 16
+XLA_SCAN_MAX_M = 64  # the XLA path dequantizes per row block (in a scan) up to this many rows, else whole
 
 
 def quantize(w, axis: int = -1):
@@ -79,7 +83,7 @@ def xla_dot_rows(x, w):
     ~10x the f32 model in temporaries (SmolLM2 8 x 512 prefill: 2.6 GB vs 0.24 GB) and ran ~1.8x slower."""
     R = w.shape[0]
     blk = row_block(R)
-    if blk is None or x.shape[0] > KERNEL_MAX_M:
+    if blk is None or x.shape[0] > XLA_SCAN_MAX_M:
         return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
     nb = R // blk
     xb = x.astype(jnp.float32).reshape(x.shape[0], nb, blk).transpose(1, 0, 2)
