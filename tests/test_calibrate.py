@@ -42,7 +42,7 @@ def test_cli_writes_a_loadable_spec(tmp_path, capsys):
     assert "f32" in spec["source"] and "int8" in spec["source"]
     # the measured curve (quick: 4 rows counts) for the compute dtype and the int8 path, the engine's overheads
     assert [m for m, _ in spec["matmul_curve"]["f32"]] == [1, 8, 64, 512] and set(spec["matmul_curve"]) == {"f32", "int8"}
-    assert chip.matmul_rate("int8", 8) == spec["matmul_curve"]["int8"][1][1]
+    assert chip.matmul_rate("int8", 8) == pytest.approx(spec["matmul_curve"]["int8"][1][1], rel=1e-12)
     per_phase = ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s")
     assert all(set(spec[f]) == {"prefill", "decode"} for f in per_phase)
     assert min([spec["logit_elem_s"], *(v for f in per_phase for v in spec[f].values())]) >= 0
