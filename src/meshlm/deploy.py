@@ -167,7 +167,9 @@ def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshSh
 def predict_engine(cfg, chip, layouts: dict, eng) -> dict:
     """The cost model for what the engine `eng` last ran, with its accounting: prefill of the
     padded (B, L) bucket projecting only each prompt's last position to logits; a decode step of
-    every slot attending over the whole cache of max_len positions (the dense cache it reads)."""
+    every slot attending over the whole cache of max_len positions (what XLA's masked attention
+    reads; the CPU kernel reads up to each slot's position, which in a bench run is within gen_len
+    of the end)."""
     B, L = eng.stats.prefill_shape
     pre = estimate(cfg, chip, layouts["prefill"], "prefill", max(B, 1), max(L, 1), 1, logits="last")
     dec = estimate(cfg, chip, layouts["decode"], "decode", eng.slots, max(1, eng.max_len - 1), 1)

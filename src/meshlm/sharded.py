@@ -93,11 +93,12 @@ class ShardedModel:
         buffer in place (a stacked [Y, ...] cache had each layer's slice copied in and out)."""
         B = comm.padded_batch(batch, layout)
         shape = (B, max_len, self.cache_heads(layout), self.cfg.d_head)
-        key = ("zeros", shape, self.cache_spec(layout), jnp.dtype(dtype or self.act_dtype))
+        spec, dt = self.cache_spec(layout), jnp.dtype(dtype or self.act_dtype)
+        key = ("zeros", shape, spec, dt)
         if key not in self._fns:  # kept: a new jit per call would compile on every prefill (~80 ms)
-            sh = NamedSharding(self.mesh, key[2])
+            sh = NamedSharding(self.mesh, spec)
             Y = self.cfg.n_layers
-            self._fns[key] = jax.jit(lambda: {n: tuple(jnp.zeros(shape, key[3]) for _ in range(Y)) for n in "kv"},
+            self._fns[key] = jax.jit(lambda: {n: tuple(jnp.zeros(shape, dt) for _ in range(Y)) for n in "kv"},
                                      out_shardings={n: (sh,) * Y for n in "kv"})
         return self._fns[key]()  # one dispatch for all 2Y arrays
 

@@ -79,12 +79,17 @@ def _call(name: str, x, q, transposed: bool):
     if x.ndim != 2 or q.ndim != 2 or x.shape[1] != R or q.dtype != jnp.int8:
         want = "x [M, R], q int8 [C, R]" if transposed else "x [M, R], q int8 [R, C]"
         raise ValueError(f"{name} wants {want}; got x {x.shape}, q {q.shape} {q.dtype}")
+    return _ffi(f"meshlm_{name}", (x.shape[0], C), x.astype(jnp.float32), q)
+
+
+def _ffi(target: str, shape, *args, **attrs):
+    """f32 `shape` from the FFI target on `args` (attributes `attrs`), marked varying over every
+    shard_map axis an input varies over."""
     if not available():
         raise RuntimeError(reason())
-    out = jax.ShapeDtypeStruct((x.shape[0], C), jnp.float32)
-    y = jax.ffi.ffi_call(f"meshlm_{name}", out, vmap_method="sequential")(x.astype(jnp.float32), q)
-    axes = _varying_axes(x, q)
-    return jax.lax.pcast(y, axes, to="varying") if axes else y
+    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(*args, **attrs)
+    axes = _varying_axes(*args)
+    return jax.lax.pcast(out, axes, to="varying") if axes else out
 
 
 def _varying_axes(*arrays) -> tuple:
@@ -116,11 +121,6 @@ def decode_attention(q, k, v, positions):
             positions.shape != (B,):
         raise ValueError(f"decode_attention wants q [B, K, G, D], k, v [B, S, K, D], positions [B]; got q "
                          f"{q.shape}, k {k.shape}, v {v.shape}, positions {positions.shape}")
-    if not available():
-        raise RuntimeError(reason())
-    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    f = jax.ffi.ffi_call("meshlm_decode_attention", out, vmap_method="sequential")
-    o = f(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), positions.astype(jnp.int32),
-          scale=np.float32(1.0 / math.sqrt(D)))
-    axes = _varying_axes(q, k, v, positions)
-    return jax.lax.pcast(o, axes, to="varying") if axes else o
+    f32 = jnp.float32
+    return _ffi("meshlm_decode_attention", q.shape, q.astype(f32), k.astype(f32), v.astype(f32),
+                positions.astype(jnp.int32), scale=np.float32(1.0 / math.sqrt(D)))

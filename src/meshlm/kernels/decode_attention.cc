@@ -27,15 +27,14 @@ namespace ffi = xla::ffi;
 using meshlm::failed;
 using meshlm::run_split;
 using meshlm::shape_str;
+#ifdef MESHLM_AVX512
+using meshlm::tail_mask;
+#endif
 
 constexpr int64_t kMinChunk = 64;  // cache positions per chunk, at least
 constexpr int64_t kPrefetchRows = 4;
 
 #ifdef MESHLM_AVX512
-
-inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
 
 inline float dot(const float* a, const float* b, int64_t D) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -118,6 +117,9 @@ inline void prefetch_row(const float*, int64_t) {}
 
 #endif
 
+// Cache positions row b attends to: 0..pos, all S when pos >= S or (a fully masked row) pos < 0.
+inline int64_t attended(int32_t pos, int64_t S) { return pos < 0 || pos >= S ? S : pos + 1; }
+
 struct Dims {
   int64_t B, S, K, G, D, P, chunk;
 };
@@ -199,7 +201,7 @@ ffi::Future DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   n.P = std::max<int64_t>(1, std::min((S + kMinChunk - 1) / kMinChunk, (4 * threads + B - 1) / B));
   n.chunk = (S + n.P - 1) / n.P;
   int64_t bytes = 0;
-  for (int64_t b = 0; b < B; ++b) bytes += (pos[b] < 0 || pos[b] >= S ? S : pos[b] + 1) * K * D * 8;
+  for (int64_t b = 0; b < B; ++b) bytes += attended(pos[b], S) * K * D * 8;
   const int64_t H = K * G;
   struct State {
     std::vector<float> m, l, o;  // per (b, chunk, head): the chunk's max, sum and unnormalized output
@@ -213,7 +215,7 @@ ffi::Future DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
     for (int64_t u = lo; u < hi; ++u) {
       const int64_t b = u / n.P, p = u % n.P;
       const bool uniform = pos[b] < 0;
-      const int64_t len = uniform || pos[b] >= n.S ? n.S : pos[b] + 1;
+      const int64_t len = attended(pos[b], n.S);
       const int64_t s0 = std::min(len, p * n.chunk), s1 = std::min(len, s0 + n.chunk);
       const int64_t at = u * H;
       chunk_softmax(n, qp, kp, vp, scale, uniform, b, s0, s1, &st->m[at], &st->l[at], &st->o[at * n.D]);

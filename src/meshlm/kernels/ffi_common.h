@@ -1,4 +1,5 @@
-// Shared by meshlm's XLA FFI CPU kernels: error futures and the work split over XLA's intra-op pool.
+// Shared by meshlm's XLA FFI CPU kernels: error futures, the work split over XLA's intra-op pool,
+// the AVX-512 lane mask of a tail.
 #pragma once
 
 #include <algorithm>
@@ -14,7 +15,17 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace meshlm {
+
+#if defined(__AVX512F__)
+inline __mmask16 tail_mask(int64_t n) {  // first n of 16 lanes (n may be <= 0 or >= 16)
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+#endif
 
 namespace ffi = xla::ffi;
 

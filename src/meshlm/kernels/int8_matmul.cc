@@ -9,8 +9,6 @@
 // scale. Work is split over the XLA:CPU intra-op thread pool (ffi_common.h: run_split).
 
 #include <algorithm>
-#include <atomic>
-#include <memory>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -27,6 +25,9 @@ namespace ffi = xla::ffi;
 using meshlm::failed;
 using meshlm::run_split;
 using meshlm::shape_str;
+#ifdef __AVX512F__
+using meshlm::tail_mask;
+#endif
 
 #define UNROLL _Pragma("GCC unroll 16")  // fixed-trip tile loops: keep accumulators in registers
 
@@ -55,10 +56,6 @@ inline __m512 widen(__mmask16 k, const int8_t* p) {
 inline void prefetch_ahead(const int8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + 64), _MM_HINT_T0);
-}
-
-inline __mmask16 tail_mask(int64_t n) {  // first n of 16 lanes (n may be <= 0 or >= 16)
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
 // One row of x: y[c0:c0+w] (+)= x[r0:r1] @ q[r0:r1, c0:c0+w], w <= 16 * NV (== when FULL): NV = 8
