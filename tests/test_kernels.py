@@ -42,6 +42,29 @@ def test_kernels_match_float64(M, R, C):
     _close(jax.jit(kernels.int8_matmul_t)(x, np.ascontiguousarray(q.T)), want)
 
 
+# packed panel-major weights: C a multiple of 64; M = 1 (the streaming path), 2-5 and 33 (register
+# tiles and their tails), R odd (the even/odd accumulators' last row); the last two are split over threads.
+PACKED_SHAPES = [(1, 1, 64), (1, 17, 128), (2, 31, 64), (3, 100, 192), (5, 65, 320), (33, 257, 128), (1, 576, 960),
+                 (8, 1537, 576)]
+
+
+@pytest.mark.parametrize("M,R,C", PACKED_SHAPES)
+def test_packed_kernel_matches_float64_and_unpacks(M, R, C):
+    x, q = _case(M, R, C, seed=5)
+    p = quant.pack_panels(q)
+    assert p.shape == (C // 64, R, 64) and np.array_equal(np.asarray(quant.unpack_panels(jnp.asarray(p))), q)
+    _close(jax.jit(kernels.int8_matmul_packed)(x, p), x.astype(np.float64) @ q)
+
+
+@pytest.mark.parametrize("M", [1, quant.KERNEL_MAX_M + 1])
+def test_dot_rows_on_packed_weights_kernel_and_xla_path(M):
+    x, q = _case(M, 130, 192, seed=6)
+    fn = jax.jit(lambda a, b: quant.dot_rows(a, b, jnp.float32))
+    p = jnp.asarray(quant.pack_panels(q))
+    assert ("meshlm_int8_matmul_p" in fn.lower(x, p).compile().as_text()) == (M <= quant.KERNEL_MAX_M)
+    _close(fn(x, p), x.astype(np.float64) @ q)
+
+
 def test_every_output_written_and_no_neighbour_clobbered():
     """y is computed in place: a stale or skipped column would keep the buffer's old contents."""
     x, q = _case(3, 40, 131, seed=1)
@@ -60,6 +83,8 @@ def test_shape_errors_are_clear():
         kernels.int8_matmul_t(x, q)
     with pytest.raises(ValueError, match="int8"):
         kernels.int8_matmul(x, q.astype(np.int16))
+    with pytest.raises(ValueError, match="int8_matmul_p"):
+        kernels.int8_matmul_packed(x, q)  # not packed
 
 
 @pytest.mark.parametrize("M", sorted({1, 3, quant.KERNEL_MAX_M_T, quant.KERNEL_MAX_M_T + 1, quant.KERNEL_MAX_M,

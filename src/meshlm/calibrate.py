@@ -173,6 +173,8 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
         if weights != "int8":
             return _put(mesh, jnp.asarray(w.reshape(n * rows, cols), _DTYPES.get(weights, weights))), None
         q = quant.quantize(w, axis=-1)
+        if quant.packs(n) and quant.packable(q["q"][0]):  # as the engine stores them on one device
+            return _put(mesh, jnp.asarray(quant.pack_panels(q["q"][0]))), jnp.asarray(q["s"])
         return _put(mesh, jnp.asarray(q["q"].reshape(n * rows, cols))), jnp.asarray(q["s"])
 
     mats = [stored(E, F) if i % 2 == 0 else stored(F, E) for i in range(2 * full)]

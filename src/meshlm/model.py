@@ -56,12 +56,17 @@ def act(x, name: str):
     return jax.nn.gelu(x, approximate=(name == "gelu_tanh"))
 
 
+def rope_table(positions, rot_dim: int, theta: float):
+    """(cos, sin) [..., R/2] of RoPE's angles at `positions` [...] for the first rot_dim dims."""
+    inv = theta ** (-jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim)
+    ang = positions.astype(jnp.float32)[..., None] * inv
+    return jnp.cos(ang), jnp.sin(ang)
+
+
 def rotary(x, positions, rot_dim: int, theta: float, style: str):
     """RoPE on the first rot_dim dims of D. x [B, L, N, D], positions [B, L]."""
     R = rot_dim
-    inv = theta ** (-jnp.arange(0, R, 2, dtype=jnp.float32) / R)
-    ang = positions.astype(jnp.float32)[:, :, None, None] * inv  # [B, L, 1, R/2]
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    cos, sin = (t[:, :, None, :] for t in rope_table(positions, R, theta))  # [B, L, 1, R/2]
     xr = x[..., :R].astype(jnp.float32)
     if style == "half":
         a, b = xr[..., : R // 2], xr[..., R // 2:]

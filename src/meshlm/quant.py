@@ -48,7 +48,17 @@ def dequantize(t, axis: int = -1):
 
 
 def is_quantized(w) -> bool:
-    return isinstance(w, dict) and "q" in w
+    """An int8 weight {"q": [R, C], "s"} or packed {"p": [C/64, R, 64], "s"} (pack_panels)."""
+    return isinstance(w, dict) and ("q" in w or "p" in w)
+
+
+def is_packed(w) -> bool:
+    return isinstance(w, dict) and "p" in w
+
+
+def int8_of(w):
+    """The int8 array of a quantized weight, row-major or packed."""
+    return w["p"] if "p" in w else w["q"]
 
 
 def row_block(R: int) -> int | None:
@@ -66,11 +76,18 @@ def use_kernel(M: int, transposed: bool = False) -> bool:
 
 
 def dot_rows(x, w, dtype):
-    """x [M, R] @ w [R, C] with w int8 (unscaled) or float; result in `dtype` (f32 accumulate).
+    """x [M, R] @ w [R, C] with w int8 (unscaled) or float; result in `dtype` (f32 accumulate). An
+    int8 w of rank 3 is packed panel-major ([C/64, R, 64], `pack_panels`).
 
     int8: the CPU kernel for small M on CPU, else `xla_dot_rows`."""
     if w.dtype != jnp.int8:
         return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    if w.ndim == 3:
+        def xla(x, w):
+            return xla_dot_rows(x, unpack_panels(w))
+        if x.ndim == 2 and use_kernel(x.shape[0]):
+            return jax.lax.platform_dependent(x, w, cpu=kernels.int8_matmul_packed, default=xla).astype(dtype)
+        return xla(x, w).astype(dtype)
     if x.ndim == 2 and use_kernel(x.shape[0]):
         return jax.lax.platform_dependent(x, w, cpu=kernels.int8_matmul, default=xla_dot_rows).astype(dtype)
     return xla_dot_rows(x, w).astype(dtype)
@@ -95,6 +112,29 @@ def xla_dot_rows(x, w):
 
     acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], w.shape[1]), jnp.float32), (xb, wb))
     return acc
+
+
+def packable(q) -> bool:
+    """Whether an int8 weight [R, C] can be packed: C a whole number of panels."""
+    return q.ndim == 2 and q.shape[1] % kernels.PANEL == 0
+
+
+def packs(n_devices: int) -> bool:
+    """Whether int8 weights are stored packed (pack_panels) for the CPU kernels: on one CPU device,
+    where no layout gathers or slices them."""
+    return n_devices == 1 and kernels.enabled()
+
+
+def pack_panels(q):
+    """int8 [R, C] -> [C/64, R, 64] (numpy): each panel of 64 columns one contiguous block, which
+    the CPU kernels stream in order (the engine stores a single device's int8 weights this way)."""
+    R, C = q.shape
+    return np.ascontiguousarray(np.asarray(q).reshape(R, C // kernels.PANEL, kernels.PANEL).transpose(1, 0, 2))
+
+
+def unpack_panels(p):
+    """The inverse of pack_panels (jnp, for the XLA path): [C/64, R, 64] -> [R, C]."""
+    return p.transpose(1, 0, 2).reshape(p.shape[1], -1)
 
 
 def _divisor(n: int, lo: int, hi: int) -> int | None:

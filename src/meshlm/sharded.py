@@ -37,9 +37,9 @@ from meshlm import comm
 from meshlm.errors import MeshlmError
 from meshlm.layouts import Layout, MeshShape
 from meshlm.mesh import make_mesh
-from meshlm.quant import is_quantized
+from meshlm.quant import int8_of, is_packed, is_quantized, packs
 from meshlm.sharded_body import Body
-from meshlm.sharded_params import Geometry, build_stored, per_layer, stored_specs
+from meshlm.sharded_params import Geometry, build_stored, pack_layers, per_layer, stored_specs
 
 
 def _spec_of(axes: str):
@@ -60,6 +60,8 @@ class ShardedModel:
             raise MeshlmError(f"weights must be f32|bf16|int8 and storage 1d|2d, got {weights!r}, {storage!r}")
         tree = build_stored(jax.tree.map(np.asarray, params), self.geo, weights, storage)
         tree, specs = per_layer(tree, stored_specs(self.geo, storage, weights == "int8", tree))
+        if weights == "int8" and packs(self.mesh_shape.n):
+            tree, specs = pack_layers(tree, specs, self.geo)
         return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(self.mesh, s)), tree, specs)
 
     def param_specs(self, params):
@@ -68,9 +70,9 @@ class ShardedModel:
     def check_params(self, layout: Layout, params):
         u = self.geo.units[0].name
         w = params["layers"][0][f"{u}_in"]
-        w = w["q"] if is_quantized(w) else w
-        one_d = w.sharding.spec[0] is None
-        if (layout.ffn == "ws1d") != one_d:
+        packed = is_packed(w)  # one device: 1d and 2d storage are the same arrays
+        w = int8_of(w) if is_quantized(w) else w
+        if not packed and (layout.ffn == "ws1d") != (w.sharding.spec[0] is None):
             need = "1d" if layout.ffn == "ws1d" else "2d"
             raise MeshlmError(f"layout {layout.ffn} needs params stored with storage={need!r}")
         fmt = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float32): "f32"}[w.dtype]

@@ -16,8 +16,9 @@ from meshlm import comm
 from meshlm.collectives import (ag_matmul, all_gather, all_to_all, gather_blocks, group_index, local_slice,
                                 matmul_rs, psum, reduce_scatter)
 from meshlm.layouts import Layout, parse_spec
-from meshlm.model import act, apply_norm, attend_causal, attend_one, norm_stats, rotary
-from meshlm.quant import dot_rows, dot_t, is_quantized
+from meshlm import kernels
+from meshlm.model import act, apply_norm, attend_causal, attend_one, norm_stats, rope_table, rotary
+from meshlm.quant import KERNEL_MAX_M, dot_rows, dot_t, is_packed, is_quantized
 from meshlm.sharded_params import Geometry
 
 ZY = ("z", "y")
@@ -81,7 +82,10 @@ class Body:
     # ---- weights ----------------------------------------------------------------------------
     # int8 scales ride in the weight's one all-gather as 4 extra int8 rows (their f32 bits).
     def gather_in(self, w):
-        """Stored block [E_s, Cb] (int8: + scales [Cb]) -> ([E_l, N, Cb], scales [N, Cb] or None)."""
+        """Stored block [E_s, Cb] (int8: + scales [Cb]) -> ([E_l, N, Cb], scales [N, Cb] or None).
+        Packed (one device): the packed weight [C/64, E, 64] as stored, scales [1, C]."""
+        if is_packed(w):
+            return w["p"], w["s"][None]
         q, s = (w["q"], w["s"]) if is_quantized(w) else (w, None)
         if not (self.wg_e or self.wg_c):
             return q[:, None, :], (None if s is None else s[None])
@@ -95,7 +99,10 @@ class Body:
         return wq, lax.bitcast_convert_type(g[0, :, Es:].transpose(0, 2, 1), jnp.float32)
 
     def gather_out(self, w):
-        """Stored block [Cmb, E_s] (int8: + scales [E_s]) -> ([N * Cmb, E_o], scales [E_o] or None)."""
+        """Stored block [Cmb, E_s] (int8: + scales [E_s]) -> ([N * Cmb, E_o], scales [E_o] or None).
+        Packed (one device): the packed weight [E/64, Cm, 64] as stored."""
+        if is_packed(w):
+            return w["p"], w["s"]
         q, s = (w["q"], w["s"]) if is_quantized(w) else (w, None)
         if not (self.wg_e or self.wg_c):
             return q, s
@@ -126,6 +133,7 @@ class Body:
             groups = [("norm2", 0, nf), ("norm1", nf, sum(seg_pre))]
         else:
             groups = [("norm2" if u.name == "ffn" else "norm1", 0, sum(seg_pre))]
+        packed_in = is_packed(lw[f"{u.name}_in"])  # one device, one norm group: the whole weight at once
         Wg, s_in = self.gather_in(lw[f"{u.name}_in"])
         Bl, L = x.shape[0], x.shape[1]
         M = Bl * L
@@ -144,8 +152,8 @@ class Body:
             for key, lo, hi in groups:
                 p = {k: lax.dynamic_slice_in_dim(v, e0 + c * Ec, Ec) for k, v in lw[key].items()}
                 xn = apply_norm(xc, stats, E, p, rms, cfg.norm_eps).reshape(M, Ec)
-                rows = lax.dynamic_slice_in_dim(Wg[:, :, lo:hi], c * Ec, Ec, axis=0)
-                outs.append(dot_rows(xn, rows.reshape(Ec, -1), self.dt).reshape(M, self.nblk, hi - lo))
+                rows = Wg if packed_in else lax.dynamic_slice_in_dim(Wg[:, :, lo:hi], c * Ec, Ec, axis=0).reshape(Ec, -1)
+                outs.append(dot_rows(xn, rows, self.dt).reshape(M, self.nblk, hi - lo))
             return jnp.concatenate(outs, axis=-1)
 
         y = ag_matmul(x, self.ag, chunk_mm) if (self.cm and self.ag) else chunk_mm(xg, 0)
@@ -182,8 +190,11 @@ class Body:
         mid = mid.reshape(M, -1)
 
         def out_mm(c):
-            Ec = self.E_r if (self.cm and self.ag) else Wog.shape[-1]
-            cols = lax.dynamic_slice_in_dim(Wog, c * Ec, Ec, axis=1)
+            if Wog.ndim == 3:  # packed, one device: all E columns
+                Ec, cols = self.E, Wog
+            else:
+                Ec = self.E_r if (self.cm and self.ag) else Wog.shape[-1]
+                cols = lax.dynamic_slice_in_dim(Wog, c * Ec, Ec, axis=1)
             r = dot_rows(mid, cols, self.dt)
             if so is not None:
                 r = (r * lax.dynamic_slice_in_dim(so, c * Ec, Ec)).astype(self.dt)
@@ -306,9 +317,37 @@ class Body:
         out = out.reshape(nb * Bl, Lo, -1)
         return all_gather(out, self.all, axis=2)
 
+    def fused(self, params, cache) -> bool:
+        """Whether this pass runs each layer as one CPU kernel call (kernels.decoder_layer): a
+        decode step of a Llama-style model (serial block, RMSNorm, gated SiLU, no biases) on one
+        device, int8 weights packed, f32 activations and cache, at most KERNEL_MAX_M rows."""
+        cfg, g, lw, ck = self.cfg, self.geo, params["layers"][0], cache["k"][0]
+        return (self.phase == "decode" and self.m.n == 1 and kernels.enabled() and self.dt == jnp.float32
+                and cfg.block == "serial" and cfg.norm == "rmsnorm" and cfg.gated_mlp and cfg.activation == "silu"
+                and set(lw) == {"norm1", "norm2", "attn_in", "attn_out", "ffn_in", "ffn_out"}
+                and all(set(lw[n]) == {"scale"} for n in ("norm1", "norm2"))
+                and all(is_packed(lw[n]) for n in ("attn_in", "attn_out", "ffn_in", "ffn_out"))
+                and ck.dtype == jnp.float32 and ck.shape[2] == g.Kx == g.Ks and ck.shape[0] <= KERNEL_MAX_M)
+
+    def fused_layers(self, x, params, positions, cache):
+        """The decode layers through kernels.decoder_layer: x [B, 1, E] -> (x, k caches, v caches)."""
+        cfg = self.cfg
+        cos, sin = rope_table(positions, cfg.rot_dim, cfg.rope_theta)  # [B, R/2], shared by all layers
+        h, ks, vs = x[:, 0], [], []
+        for lw, ck, cv in zip(params["layers"], cache["k"], cache["v"]):
+            w = {"norm1": lw["norm1"]["scale"], "norm2": lw["norm2"]["scale"], "qkv": lw["attn_in"],
+                 "o": lw["attn_out"], "gu": lw["ffn_in"], "d": lw["ffn_out"]}
+            h, ck, cv = kernels.decoder_layer(h, positions, cos, sin, w, ck, cv, cfg.norm_eps, cfg.rope_style == "half")
+            ks.append(ck)
+            vs.append(cv)
+        return h[:, None], ks, vs
+
     def forward(self, params, tokens, rows, cache):
         """The whole pass. rows: lengths [B] (prefill) or positions [B] (decode), replicated."""
         x = self.embed(tokens, params["embed"])
+        if self.fused(params, cache):
+            x, ks, vs = self.fused_layers(x, params, rows, cache)
+            return self.logits(x, params, rows), {"k": tuple(ks), "v": tuple(vs)}
         ks, vs = [], []
         # Layers unrolled over per-layer weight and cache leaves: XLA:CPU copies a layer's slice out
         # of a stacked [Y, ...] array (in a scan or not) before using it; separate buffers are read

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from meshlm import comm
 from meshlm.errors import MeshlmError
 from meshlm.layouts import MeshShape
-from meshlm.quant import quantize
+from meshlm.quant import is_quantized, pack_panels, packable, quantize
 
 XYZ = ("x", "y", "z")
 ZY = ("z", "y")
@@ -164,6 +164,27 @@ def per_layer(tree, specs) -> tuple[dict, dict]:
     layer_specs = jax.tree.map(lambda s: P(*tuple(s)[1:]), specs["layers"], is_leaf=lambda s: isinstance(s, P))
     layers = tuple(jax.tree.map(lambda a, i=i: a[i], tree["layers"]) for i in range(Y))
     return {**tree, "layers": layers}, {**specs, "layers": tuple(layer_specs for _ in range(Y))}
+
+
+def pack_layers(tree, specs, geo: Geometry) -> tuple[dict, dict]:
+    """One device's int8 unit matrices packed panel-major (meshlm.quant.pack_panels) where their
+    columns allow: {"q": [R, C], "s"} -> {"p": [C/64, R, 64], "s"}, the layout the CPU kernels
+    stream fastest (meshlm.kernels). Per-layer trees (after per_layer); nothing is gathered on one
+    device, so no other code reads the row-major form. A parallel block with two norms keeps its
+    input matrix row-major: its norm groups split the columns at any offset."""
+    assert geo.mesh.n == 1, "packed weights are for one device"
+    names = [f"{u.name}_out" for u in geo.units]
+    names += [f"{u.name}_in" for u in geo.units if not (u.name == "block" and geo.cfg.parallel_norms == 2)]
+    layers, lspecs = [], []
+    for lw, ls in zip(tree["layers"], specs["layers"]):
+        lw, ls = dict(lw), dict(ls)
+        for k in names:
+            if is_quantized(lw[k]) and packable(lw[k]["q"]):
+                lw[k] = {"p": pack_panels(lw[k]["q"]), "s": lw[k]["s"]}
+                ls[k] = {"p": P(), "s": ls[k]["s"]}
+        layers.append(lw)
+        lspecs.append(ls)
+    return {**tree, "layers": tuple(layers)}, {**specs, "layers": tuple(lspecs)}
 
 
 def build_stored(params, geo: Geometry, weights: str, storage: str) -> dict:

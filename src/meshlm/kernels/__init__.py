@@ -3,8 +3,12 @@
 - `int8_matmul(x, q)` = x @ q and `int8_matmul_t(x, q)` = x @ q.T for f32 x [M, R] and an int8
   weight (unscaled): they read each int8 weight once and widen it in registers (int8_matmul.cc),
   which XLA:CPU's own int8 paths do not.
+  `int8_matmul_packed(x, p)` = the same for a weight packed panel-major (meshlm.quant.pack_panels):
+  each panel of 64 columns one contiguous stream, ~35% faster to stream than the row-major q.
 - `decode_attention(q, k, v, positions)`: one query position per sequence against the KV cache as
   stored, each cached row read once (decode_attention.cc); XLA:CPU's dots copy the cache transposed.
+- `decoder_layer(...)`: a whole Llama-style decode layer with packed int8 weights on one device
+  (decoder_layer.cc): one call instead of ~15 XLA fusions and 5 kernel calls per layer.
 
 The library is compiled on first use with the system g++
 (cached under $MESHLM_HOME/kernels) and registered for platform "cpu" only; call these on CPU
@@ -29,8 +33,10 @@ from meshlm.kernels.build import BuildError, build
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(f) for f in ("ffi_common.h", "int8_matmul.cc", "decode_attention.cc")]
-_TARGETS = ("meshlm_int8_matmul", "meshlm_int8_matmul_t", "meshlm_decode_attention")
+_SOURCES = [Path(__file__).with_name(f) for f in ("ffi_common.h", "int8_matmul.h", "attention.h", "int8_matmul.cc",
+                                                   "decode_attention.cc", "decoder_layer.cc")]
+_TARGETS = ("meshlm_int8_matmul", "meshlm_int8_matmul_t", "meshlm_int8_matmul_p", "meshlm_decode_attention",
+            "meshlm_decoder_layer")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive: XLA holds its pointers)
 
@@ -74,22 +80,31 @@ def reason() -> str:
     return _state["reason"]
 
 
-def _call(name: str, x, q, transposed: bool):
-    R, C = q.shape[::-1] if transposed else q.shape
-    if x.ndim != 2 or q.ndim != 2 or x.shape[1] != R or q.dtype != jnp.int8:
-        want = "x [M, R], q int8 [C, R]" if transposed else "x [M, R], q int8 [R, C]"
+PANEL = 64  # columns per panel of a packed int8 weight (int8_matmul.h: PW)
+
+
+def _call(name: str, x, q, layout: str):
+    if layout == "packed":
+        R, C, ok = q.shape[1], q.shape[0] * PANEL, q.ndim == 3 and q.shape[2] == PANEL
+        want = f"x [M, R], q int8 [C/{PANEL}, R, {PANEL}]"
+    else:
+        R, C = q.shape[::-1] if layout == "transposed" else q.shape
+        ok, want = q.ndim == 2, "x [M, R], q int8 [C, R]" if layout == "transposed" else "x [M, R], q int8 [R, C]"
+    if x.ndim != 2 or not ok or x.shape[1] != R or q.dtype != jnp.int8:
         raise ValueError(f"{name} wants {want}; got x {x.shape}, q {q.shape} {q.dtype}")
-    return _ffi(f"meshlm_{name}", (x.shape[0], C), x.astype(jnp.float32), q)
+    return _ffi(f"meshlm_{name}", [(x.shape[0], C)], x.astype(jnp.float32), q)[0]
 
 
-def _ffi(target: str, shape, *args, **attrs):
-    """f32 `shape` from the FFI target on `args` (attributes `attrs`), marked varying over every
-    shard_map axis an input varies over."""
+def _ffi(target: str, shapes, *args, aliases=None, **attrs):
+    """f32 results of `shapes` from the FFI target on `args` (attributes `attrs`; `aliases`: input
+    index -> result index updated in place), marked varying over every shard_map axis an input
+    varies over."""
     if not available():
         raise RuntimeError(reason())
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(*args, **attrs)
+    outs = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes], vmap_method="sequential",
+                            input_output_aliases=aliases)(*args, **attrs)
     axes = _varying_axes(*args)
-    return jax.lax.pcast(out, axes, to="varying") if axes else out
+    return [jax.lax.pcast(o, axes, to="varying") for o in outs] if axes else list(outs)
 
 
 def _varying_axes(*arrays) -> tuple:
@@ -105,12 +120,18 @@ def _varying_axes(*arrays) -> tuple:
 
 def int8_matmul(x, q):
     """f32 [M, C] = x [M, R] @ q [R, C] (q int8, unscaled). CPU only."""
-    return _call("int8_matmul", x, q, transposed=False)
+    return _call("int8_matmul", x, q, "rows")
 
 
 def int8_matmul_t(x, q):
     """f32 [M, C] = x [M, R] @ q.T for q int8 [C, R] (unscaled). CPU only."""
-    return _call("int8_matmul_t", x, q, transposed=True)
+    return _call("int8_matmul_t", x, q, "transposed")
+
+
+def int8_matmul_packed(x, p):
+    """f32 [M, C] = x [M, R] @ q for q int8 [R, C] (unscaled) packed as p [C/64, R, 64]
+    (meshlm.quant.pack_panels). CPU only."""
+    return _call("int8_matmul_p", x, p, "packed")
 
 
 def decode_attention(q, k, v, positions):
@@ -122,5 +143,19 @@ def decode_attention(q, k, v, positions):
         raise ValueError(f"decode_attention wants q [B, K, G, D], k, v [B, S, K, D], positions [B]; got q "
                          f"{q.shape}, k {k.shape}, v {v.shape}, positions {positions.shape}")
     f32 = jnp.float32
-    return _ffi("meshlm_decode_attention", q.shape, q.astype(f32), k.astype(f32), v.astype(f32),
-                positions.astype(jnp.int32), scale=np.float32(1.0 / math.sqrt(D)))
+    return _ffi("meshlm_decode_attention", [q.shape], q.astype(f32), k.astype(f32), v.astype(f32),
+                positions.astype(jnp.int32), scale=np.float32(1.0 / math.sqrt(D)))[0]
+
+
+def decoder_layer(x, positions, cos, sin, w: dict, k, v, eps: float, rope_half: bool):
+    """One decode layer of the Llama family on one device (decoder_layer.cc): x f32 [B, E] at
+    positions [B] with RoPE tables cos, sin [B, R/2]; w: norm1, norm2 [E] and the packed int8
+    weights with their column scales, qkv {"p", "s"} (q|k|v), o, gu (gate|up), d; k, v f32
+    [B, S, K, D] this layer's cache. -> (x', k', v'), the cache updated in place. CPU only."""
+    f32 = jnp.float32
+    args = (x.astype(f32), positions.astype(jnp.int32), cos, sin, w["norm1"], w["qkv"]["p"], w["qkv"]["s"],
+            w["o"]["p"], w["o"]["s"], w["norm2"], w["gu"]["p"], w["gu"]["s"], w["d"]["p"], w["d"]["s"], k, v)
+    if k.dtype != f32 or v.dtype != f32:
+        raise ValueError(f"decoder_layer wants an f32 cache; got {k.dtype}")
+    return tuple(_ffi("meshlm_decoder_layer", [x.shape, k.shape, v.shape], *args, aliases={14: 1, 15: 2},
+                      eps=np.float32(eps), rope_half=np.int32(rope_half)))

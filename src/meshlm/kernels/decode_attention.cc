@@ -1,179 +1,21 @@
-// Decode attention for XLA:CPU: one new query position per sequence, grouped (multiquery) heads.
+// Decode attention for XLA:CPU, registered as an XLA FFI custom call (the kernel: attention.h).
 //
 //   meshlm_decode_attention: q f32 [B, K, G, D], k, v f32 [B, S, K, D] (the KV cache as stored),
 //                            positions s32 [B]; attribute scale -> o f32 [B, K, G, D]
 //
-// o[b, k, g] = softmax_s(scale * q[b, k, g] . k[b, s, k]) @ v[b, :, k] over s <= positions[b]
-// (every s when it is >= S; uniform over all S when it is negative, like a fully masked row).
-// Each cached K and V row is read once, in place: XLA:CPU's dots made transposed copies of the
-// whole cache every layer and ran at 2-4 GB/s. S is split into chunks (flash-decoding) so a single
-// sequence still uses every core; the last chunk of a row to finish merges the partial softmaxes.
+// XLA:CPU's own dots made transposed copies of the whole cache every layer and ran at 2-4 GB/s.
 
-#include <cmath>
-#include <cstring>
-#include <limits>
-#include <vector>
+#include <algorithm>
+#include <string>
 
+#include "attention.h"
 #include "ffi_common.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define MESHLM_AVX512 1
-#endif
 
 namespace {
 
 namespace ffi = xla::ffi;
 using meshlm::failed;
-using meshlm::run_split;
 using meshlm::shape_str;
-#ifdef MESHLM_AVX512
-using meshlm::tail_mask;
-#endif
-
-constexpr int64_t kMinChunk = 64;  // cache positions per chunk, at least
-constexpr int64_t kPrefetchRows = 4;
-
-#ifdef MESHLM_AVX512
-
-inline float dot(const float* a, const float* b, int64_t D) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 32 <= D; d += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), acc1);
-  }
-  for (; d < D; d += 16) {
-    const __mmask16 k = tail_mask(D - d);
-    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + d), _mm512_maskz_loadu_ps(k, b + d), acc0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-
-inline void axpy(float p, const float* x, float* y, int64_t D) {  // y += p * x
-  const __m512 pb = _mm512_set1_ps(p);
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16)
-    _mm512_storeu_ps(y + d, _mm512_fmadd_ps(pb, _mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d)));
-  if (d < D) {
-    const __mmask16 k = tail_mask(D - d);
-    _mm512_mask_storeu_ps(y + d, k, _mm512_fmadd_ps(pb, _mm512_maskz_loadu_ps(k, x + d), _mm512_maskz_loadu_ps(k, y + d)));
-  }
-}
-
-// e^x (Cephes expf: 2^n * p(r), r = x - n ln 2), relative error ~1e-7 for x in [-87, 88].
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// p[i] = e^(p[i] - m) in place; returns their sum.
-inline float exp_sum(float* p, int64_t n, float m) {
-  const __m512 mb = _mm512_set1_ps(m);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = tail_mask(n - i);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + i), mb)));
-    _mm512_mask_storeu_ps(p + i, k, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-inline void prefetch_row(const float* p, int64_t D) {
-  for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
-}
-
-#else  // portable loops
-
-inline float dot(const float* a, const float* b, int64_t D) {
-  float s = 0.f;
-  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
-  return s;
-}
-
-inline void axpy(float p, const float* x, float* y, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) y[d] += p * x[d];
-}
-
-inline float exp_sum(float* p, int64_t n, float m) {
-  float l = 0.f;
-  for (int64_t i = 0; i < n; ++i) l += (p[i] = std::exp(p[i] - m));
-  return l;
-}
-
-inline void prefetch_row(const float*, int64_t) {}
-
-#endif
-
-// Cache positions row b attends to: 0..pos, all S when pos >= S or (a fully masked row) pos < 0.
-inline int64_t attended(int32_t pos, int64_t S) { return pos < 0 || pos >= S ? S : pos + 1; }
-
-struct Dims {
-  int64_t B, S, K, G, D, P, chunk;
-};
-
-// Positions [s0, s1) of row b, every query head h = (k, g) (H = K * G): unnormalized
-// o[h] = sum_s e^(score - m[h]) v[s, k], with m[h] the chunk's max score and l[h] the sum of the
-// exponentials. A cache row holds all K heads side by side, so both passes read memory in order.
-// Empty chunks give l = 0.
-void chunk_softmax(const Dims& n, const float* q, const float* k, const float* v, float scale, bool uniform,
-                   int64_t b, int64_t s0, int64_t s1, float* m, float* l, float* o) {
-  const int64_t G = n.G, D = n.D, H = n.K * G, len = s1 - s0, row = n.K * D;
-  std::memset(o, 0, sizeof(float) * H * D);
-  for (int64_t h = 0; h < H; ++h) m[h] = -std::numeric_limits<float>::infinity(), l[h] = 0.f;
-  if (len <= 0) return;
-  std::vector<float> sc(H * len);
-  const float* qb = q + b * H * D;
-  const float* kr = k + (b * n.S + s0) * row;
-  for (int64_t s = 0; s < len; ++s, kr += row) {
-    if (s + kPrefetchRows < len) prefetch_row(kr + kPrefetchRows * row, row);
-    for (int64_t h = 0; h < H; ++h) sc[h * len + s] = uniform ? 0.f : scale * dot(qb + h * D, kr + h / G * D, D);
-  }
-  for (int64_t h = 0; h < H; ++h) {
-    float mx = sc[h * len];
-    for (int64_t s = 1; s < len; ++s) mx = std::max(mx, sc[h * len + s]);
-    m[h] = mx;
-    l[h] = exp_sum(sc.data() + h * len, len, mx);
-  }
-  const float* vr = v + (b * n.S + s0) * row;
-  for (int64_t s = 0; s < len; ++s, vr += row) {
-    if (s + kPrefetchRows < len) prefetch_row(vr + kPrefetchRows * row, row);
-    for (int64_t h = 0; h < H; ++h) axpy(sc[h * len + s], vr + h / G * D, o + h * D, D);
-  }
-}
-
-// o[h] = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p over the P chunks of one row.
-void merge(const Dims& n, const float* m, const float* l, const float* po, float* out) {
-  const int64_t H = n.K * n.G, D = n.D;
-  for (int64_t h = 0; h < H; ++h) {
-    float M = -std::numeric_limits<float>::infinity();
-    for (int64_t p = 0; p < n.P; ++p)
-      if (l[p * H + h] > 0.f) M = std::max(M, m[p * H + h]);
-    float* oh = out + h * D;
-    std::memset(oh, 0, sizeof(float) * D);
-    float denom = 0.f;
-    for (int64_t p = 0; p < n.P; ++p) {
-      if (!(l[p * H + h] > 0.f)) continue;
-      const float w = std::exp(m[p * H + h] - M);
-      denom += w * l[p * H + h];
-      axpy(w, po + (p * H + h) * D, oh, D);
-    }
-    const float inv = denom > 0.f ? 1.f / denom : 0.f;
-    for (int64_t d = 0; d < D; ++d) oh[d] *= inv;
-  }
-}
 
 ffi::Future DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> positions,
@@ -193,37 +35,9 @@ ffi::Future DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
     std::fill(op, op + B * K * G * D, 0.f);
     return meshlm::done_future();
   }
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const int32_t* pos = positions.typed_data();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  Dims n{B, S, K, G, D, 1, S};
-  // enough chunks over S that B * P units keep every thread busy
-  n.P = std::max<int64_t>(1, std::min((S + kMinChunk - 1) / kMinChunk, (4 * threads + B - 1) / B));
-  n.chunk = (S + n.P - 1) / n.P;
-  int64_t bytes = 0;
-  for (int64_t b = 0; b < B; ++b) bytes += attended(pos[b], S) * K * D * 8;
-  const int64_t H = K * G;
-  struct State {
-    std::vector<float> m, l, o;  // per (b, chunk, head): the chunk's max, sum and unnormalized output
-    std::vector<std::atomic<int64_t>> left;  // chunks of each row not yet done
-    State(const Dims& n, int64_t H) : m(n.B * n.P * H), l(m.size()), o(m.size() * n.D), left(n.B) {
-      for (auto& c : left) c.store(n.P);
-    }
-  };
-  auto st = std::make_shared<State>(n, H);
-  auto body = [=](int64_t lo, int64_t hi) {
-    for (int64_t u = lo; u < hi; ++u) {
-      const int64_t b = u / n.P, p = u % n.P;
-      const bool uniform = pos[b] < 0;
-      const int64_t len = attended(pos[b], n.S);
-      const int64_t s0 = std::min(len, p * n.chunk), s1 = std::min(len, s0 + n.chunk);
-      const int64_t at = u * H;
-      chunk_softmax(n, qp, kp, vp, scale, uniform, b, s0, s1, &st->m[at], &st->l[at], &st->o[at * n.D]);
-      if (st->left[b].fetch_sub(1) == 1)  // the row's last chunk: all its partials are written
-        merge(n, &st->m[b * n.P * H], &st->l[b * n.P * H], &st->o[b * n.P * H * n.D], op + b * H * n.D);
-    }
-  };
-  return run_split(pool, B * n.P, 1, bytes, body);
+  meshlm::attention::decode_attend(pool, B, S, K, G, D, q.typed_data(), k.typed_data(), v.typed_data(),
+                                  positions.typed_data(), scale, op);
+  return meshlm::done_future();
 }
 
 }  // namespace

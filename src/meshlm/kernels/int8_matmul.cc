@@ -1,323 +1,44 @@
-// int8 weight-only matmuls for XLA:CPU, registered as XLA FFI custom calls.
+// int8 weight-only matmuls for XLA:CPU, registered as XLA FFI custom calls (kernels: int8_matmul.h).
 //
 //   meshlm_int8_matmul:   x f32 [M, R], q s8 [R, C] -> y f32 [M, C] = x @ q
 //   meshlm_int8_matmul_t: x f32 [M, R], q s8 [C, R] -> y f32 [M, C] = x @ q.T
+//   meshlm_int8_matmul_p: x f32 [M, R], q s8 [C / 64, R, 64] (panel-major) -> y f32 [M, C] = x @ q
 //
-// The weight is read once from memory as int8 and widened to f32 in registers; one row of x FMAs
-// straight from it, more rows widen each small block once into an L1 buffer that every register
-// tile of MT rows of x then reads. f32 accumulation. Unscaled: the caller applies the per-column
-// scale. Work is split over the XLA:CPU intra-op thread pool (ffi_common.h: run_split).
+// Unscaled: the caller applies the per-column scale. Work is split over the XLA:CPU intra-op
+// thread pool (ffi_common.h: run_split).
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <string>
-#include <vector>
 
 #include "ffi_common.h"
+#include "int8_matmul.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define MESHLM_AVX512 1
-#endif
+namespace {
 
 namespace ffi = xla::ffi;
 using meshlm::failed;
 using meshlm::run_split;
 using meshlm::shape_str;
-#ifdef __AVX512F__
-using meshlm::tail_mask;
-#endif
+using namespace meshlm::int8;
 
-#define UNROLL _Pragma("GCC unroll 16")  // fixed-trip tile loops: keep accumulators in registers
-
-namespace {
-
-constexpr int MT = 4;    // rows of x per register tile
-constexpr int PW = 64;   // columns of q per panel (int8_matmul): one cache line of int8
-constexpr int CT = 4;    // rows of q per tile (int8_matmul_t; 2 * CT for 1-2 rows of x)
-constexpr int RB = 32;   // rows of q per block (int8_matmul)
-constexpr int kPrefetchBytes = 256;
-
-#ifdef MESHLM_AVX512
-
-// Masked loads are much slower than plain ones here (measured ~5x on this Zen core): use them only
-// at edges.
-inline __m512 widen(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-inline __m512 widen(__mmask16 k, const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
-}
-
-// Row blocks walk RB rows of q side by side, a stride-C pattern the hardware prefetcher follows
-// poorly: fetch the lines two panels ahead in each row (measured 13 -> 22 GB/s on one core).
-inline void prefetch_ahead(const int8_t* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + 64), _MM_HINT_T0);
-}
-
-// One row of x: y[c0:c0+w] (+)= x[r0:r1] @ q[r0:r1, c0:c0+w], w <= 16 * NV (== when FULL): NV = 8
-// is two cache lines of each row of q per step and 8 independent FMA chains. The first row block
-// (r0 == 0) overwrites y, later ones accumulate into it.
-template <int NV, bool FULL>
-void panel1(const float* x, const int8_t* q, float* y, int64_t C, int64_t r0, int64_t r1, int64_t c0,
-            int64_t w) {
-  __mmask16 k[NV];
-  UNROLL for (int j = 0; j < NV; ++j) k[j] = tail_mask(w - 16 * j);
-  __m512 acc[NV];
-  UNROLL for (int j = 0; j < NV; ++j)
-    acc[j] = r0 == 0 ? _mm512_setzero_ps()
-             : FULL  ? _mm512_loadu_ps(y + c0 + 16 * j)
-                     : _mm512_maskz_loadu_ps(k[j], y + c0 + 16 * j);
-  const int8_t* p = q + r0 * C + c0;
-  for (int64_t r = r0; r < r1; ++r, p += C) {
-    prefetch_ahead(p);
-    const __m512 xb = _mm512_set1_ps(x[r]);
-    UNROLL for (int j = 0; j < NV; ++j)
-      acc[j] = _mm512_fmadd_ps(xb, FULL ? widen(p + 16 * j) : widen(k[j], p + 16 * j), acc[j]);
-  }
-  UNROLL for (int j = 0; j < NV; ++j) {
-    if (FULL)
-      _mm512_storeu_ps(y + c0 + 16 * j, acc[j]);
-    else
-      _mm512_mask_storeu_ps(y + c0 + 16 * j, k[j], acc[j]);
-  }
-}
-
-inline __m512 load16(const int8_t* p) { return widen(p); }
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(__mmask16 k, const int8_t* p) { return widen(k, p); }
-inline __m512 load16(__mmask16 k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
-
-// y[m, j] = x[m, :] . row[j][:] for m < NM, j < min(NC, n) (y advanced to the tile's first column);
-// rows are int8 (straight from q) or already widened to f32. NC rows at once give NM * NC
-// independent FMA chains (latency-bound at NM = 1 otherwise).
-template <int NM, int NC, typename W>
-void tile_t(const float* x, const W* const* row, float* y, int64_t R, int64_t C, int64_t n) {
-  __m512 acc[NM][NC];
-  UNROLL for (int m = 0; m < NM; ++m)
-    UNROLL for (int j = 0; j < NC; ++j) acc[m][j] = _mm512_setzero_ps();
-  int64_t r = 0;
-  for (; r + 64 <= R; r += 64) {  // a whole cache line of each int8 row per step
-    UNROLL for (int u = 0; u < 4; ++u) {
-      __m512 w[NC];
-      UNROLL for (int j = 0; j < NC; ++j) w[j] = load16(row[j] + r + 16 * u);
-      UNROLL for (int m = 0; m < NM; ++m) {
-        __m512 xv = _mm512_loadu_ps(x + m * R + r + 16 * u);
-        UNROLL for (int j = 0; j < NC; ++j) acc[m][j] = _mm512_fmadd_ps(xv, w[j], acc[m][j]);
-      }
-    }
-  }
-  for (; r < R; r += 16) {
-    __mmask16 k = tail_mask(R - r);
-    __m512 w[NC];
-    UNROLL for (int j = 0; j < NC; ++j) w[j] = load16(k, row[j] + r);
-    UNROLL for (int m = 0; m < NM; ++m) {
-      __m512 xv = _mm512_maskz_loadu_ps(k, x + m * R + r);
-      UNROLL for (int j = 0; j < NC; ++j) acc[m][j] = _mm512_fmadd_ps(xv, w[j], acc[m][j]);
-    }
-  }
-  UNROLL for (int m = 0; m < NM; ++m)
-    UNROLL for (int j = 0; j < NC; ++j)
-      if (j < n) y[m * C + j] = _mm512_reduce_add_ps(acc[m][j]);
-}
-
-inline void widen_row(const int8_t* p, int64_t R, float* out) {
-  int64_t r = 0;
-  for (; r + 16 <= R; r += 16) _mm512_storeu_ps(out + r, widen(p + r));
-  if (r < R) _mm512_mask_storeu_ps(out + r, tail_mask(R - r), widen(tail_mask(R - r), p + r));
-}
-
-// buf[0:r1-r0, 0:PW] = f32(q[r0:r1, c0:c0+w]), zero past w: converted once, then read from L1 by
-// every tile of rows of x (for M > 1 the conversion would otherwise be repeated per tile).
-template <bool FULL>
-void widen_block(const int8_t* q, int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t w, float* buf) {
-  __mmask16 k[4];
-  UNROLL for (int j = 0; j < 4; ++j) k[j] = tail_mask(w - 16 * j);
-  const int8_t* p = q + r0 * C + c0;
-  for (int64_t r = r0; r < r1; ++r, p += C, buf += PW) {
-    prefetch_ahead(p);
-    UNROLL for (int j = 0; j < 4; ++j)
-      _mm512_storeu_ps(buf + 16 * j, FULL ? widen(p + 16 * j) : widen(k[j], p + 16 * j));
-  }
-}
-
-// y[:NM, c0:c0+w] (+)= x[:NM, r0:r1] @ q[r0:r1, c0:c0+w], that block already widened into buf
-// (PW floats per row of q).
-template <int NM, bool FULL>
-void panel_f32(const float* x, const float* buf, float* y, int64_t R, int64_t C, int64_t r0, int64_t r1,
-               int64_t c0, int64_t w) {
-  __mmask16 k[4];
-  UNROLL for (int j = 0; j < 4; ++j) k[j] = tail_mask(w - 16 * j);
-  __m512 acc[NM][4];
-  UNROLL for (int m = 0; m < NM; ++m)
-    UNROLL for (int j = 0; j < 4; ++j)
-      acc[m][j] = r0 == 0 ? _mm512_setzero_ps()
-                  : FULL  ? _mm512_loadu_ps(y + m * C + c0 + 16 * j)
-                          : _mm512_maskz_loadu_ps(k[j], y + m * C + c0 + 16 * j);
-  for (int64_t r = r0; r < r1; ++r, buf += PW) {
-    __m512 w0 = _mm512_loadu_ps(buf), w1 = _mm512_loadu_ps(buf + 16), w2 = _mm512_loadu_ps(buf + 32),
-           w3 = _mm512_loadu_ps(buf + 48);
-    UNROLL for (int m = 0; m < NM; ++m) {
-      __m512 xb = _mm512_set1_ps(x[m * R + r]);
-      acc[m][0] = _mm512_fmadd_ps(xb, w0, acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(xb, w1, acc[m][1]);
-      acc[m][2] = _mm512_fmadd_ps(xb, w2, acc[m][2]);
-      acc[m][3] = _mm512_fmadd_ps(xb, w3, acc[m][3]);
-    }
-  }
-  UNROLL for (int m = 0; m < NM; ++m)
-    UNROLL for (int j = 0; j < 4; ++j) {
-      if (FULL)
-        _mm512_storeu_ps(y + m * C + c0 + 16 * j, acc[m][j]);
-      else
-        _mm512_mask_storeu_ps(y + m * C + c0 + 16 * j, k[j], acc[m][j]);
-    }
-}
-
-#else  // portable loops; GCC auto-vectorizes the inner column / row loops for the target ISA
-
-template <int NV, bool FULL>
-void panel1(const float* x, const int8_t* q, float* y, int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t w) {
-  if (FULL) w = 16 * NV;  // a compile-time trip count for the vectorizer
-  float acc[16 * NV] = {};
-  if (r0 > 0) std::memcpy(acc, y + c0, w * sizeof(float));
-  const int8_t* p = q + r0 * C + c0;
-  for (int64_t r = r0; r < r1; ++r, p += C)
-    for (int64_t c = 0; c < w; ++c) acc[c] += x[r] * float(p[c]);
-  std::memcpy(y + c0, acc, w * sizeof(float));
-}
-
-template <int NM, int NC, typename W>
-void tile_t(const float* x, const W* const* row, float* y, int64_t R, int64_t C, int64_t n) {
-  for (int j = 0; j < NC && j < n; ++j)
-    for (int m = 0; m < NM; ++m) {
-      float s = 0.f;
-      for (int64_t r = 0; r < R; ++r) s += x[m * R + r] * float(row[j][r]);
-      y[m * C + j] = s;
-    }
-}
-
-inline void widen_row(const int8_t* p, int64_t R, float* out) {
-  for (int64_t r = 0; r < R; ++r) out[r] = float(p[r]);
-}
-
-template <bool FULL>
-void widen_block(const int8_t* q, int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t w, float* buf) {
-  if (FULL) w = PW;
-  const int8_t* p = q + r0 * C + c0;
-  for (int64_t r = r0; r < r1; ++r, p += C, buf += PW)
-    for (int64_t c = 0; c < PW; ++c) buf[c] = c < w ? float(p[c]) : 0.f;
-}
-
-template <int NM, bool FULL>
-void panel_f32(const float* x, const float* buf, float* y, int64_t R, int64_t C, int64_t r0, int64_t r1,
-               int64_t c0, int64_t w) {
-  if (FULL) w = PW;
-  float acc[NM][PW] = {};
-  if (r0 > 0)
-    for (int m = 0; m < NM; ++m) std::memcpy(acc[m], y + m * C + c0, w * sizeof(float));
-  for (int64_t r = r0; r < r1; ++r, buf += PW)
-    for (int m = 0; m < NM; ++m) {
-      const float xb = x[m * R + r];
-      for (int64_t c = 0; c < PW; ++c) acc[m][c] += xb * buf[c];
-    }
-  for (int m = 0; m < NM; ++m) std::memcpy(y + m * C + c0, acc[m], w * sizeof(float));
-}
-
-#endif
-
-// All M rows of x against one RB x w block of q, MT rows at a time.
-template <bool FULL>
-void panels(const float* x, const int8_t* q, float* y, int64_t M, int64_t R, int64_t C, int64_t r0,
-            int64_t r1, int64_t c0, int64_t w) {
-  alignas(64) float buf[RB * PW];
-  widen_block<FULL>(q, C, r0, r1, c0, w, buf);
-  int64_t m = 0;
-  for (; m + MT <= M; m += MT) panel_f32<MT, FULL>(x + m * R, buf, y + m * C, R, C, r0, r1, c0, w);
-  switch (M - m) {
-    case 1: panel_f32<1, FULL>(x + m * R, buf, y + m * C, R, C, r0, r1, c0, w); break;
-    case 2: panel_f32<2, FULL>(x + m * R, buf, y + m * C, R, C, r0, r1, c0, w); break;
-    case 3: panel_f32<3, FULL>(x + m * R, buf, y + m * C, R, C, r0, r1, c0, w); break;
-    default: break;
-  }
-}
-
-// Columns [c_lo, c_hi) of y for all M rows. Row blocks of RB outer, so q streams from memory
-// (RB rows side by side, each read sequentially) and y stays in cache between row blocks. One row
-// of x FMAs straight from int8; more rows widen each RB x PW block once into an L1 buffer that
-// every tile of MT rows of x then reads.
-void matmul_cols(const float* x, const int8_t* q, float* y, int64_t M, int64_t R, int64_t C,
-                 int64_t c_lo, int64_t c_hi) {
-  for (int64_t r0 = 0; r0 < R; r0 += RB) {
-    const int64_t r1 = std::min<int64_t>(R, r0 + RB);
-    if (M == 1) {
-      for (int64_t c0 = c_lo; c0 < c_hi; c0 += 2 * PW) {
-        const int64_t w = std::min<int64_t>(2 * PW, c_hi - c0);
-        if (w == 2 * PW)
-          panel1<8, true>(x, q, y, C, r0, r1, c0, w);
-        else if (w == PW)  // e.g. 576 = 4.5 x 128 columns: no masked loads for the last 64
-          panel1<4, true>(x, q, y, C, r0, r1, c0, w);
-        else
-          panel1<8, false>(x, q, y, C, r0, r1, c0, w);
-      }
-      continue;
-    }
-    for (int64_t c0 = c_lo; c0 < c_hi; c0 += PW) {
-      const int64_t w = std::min<int64_t>(PW, c_hi - c0);
-      if (w == PW)
-        panels<true>(x, q, y, M, R, C, r0, r1, c0, w);
-      else
-        panels<false>(x, q, y, M, R, C, r0, r1, c0, w);
-    }
-  }
-}
-
-// Columns [c_lo, c_hi) of y = rows [c_lo, c_hi) of q, 2 * CT at a time, read once from memory. With
-// more than 2 rows of x those q rows are widened once into an f32 buffer (L1) that every tile of
-// MT rows of x then reads; rows past C - 1 repeat row C - 1 and are not stored.
-void matmul_t_rows(const float* x, const int8_t* q, float* y, int64_t M, int64_t R, int64_t C,
-                   int64_t c_lo, int64_t c_hi) {
-  constexpr int NC = 2 * CT;
-  std::vector<float> buf(M > 2 ? NC * R : 0);
-  const float* frow[NC];
-  for (int j = 0; j < NC; ++j) frow[j] = buf.data() + j * R;
-  for (int64_t c0 = c_lo; c0 < c_hi; c0 += NC) {
-    const int8_t* row[NC];
-    for (int j = 0; j < NC; ++j) row[j] = q + std::min(c0 + j, C - 1) * R;
-    const int64_t n = std::min<int64_t>(NC, c_hi - c0);
-    if (M == 1) tile_t<1, NC>(x, row, y + c0, R, C, n);
-    if (M == 2) tile_t<2, NC>(x, row, y + c0, R, C, n);
-    if (M <= 2) continue;
-    for (int j = 0; j < NC; ++j) widen_row(row[j], R, buf.data() + j * R);
-    int64_t m = 0;
-    for (; m + MT <= M; m += MT) {
-      tile_t<MT, CT>(x + m * R, frow, y + m * C + c0, R, C, n);
-      tile_t<MT, CT>(x + m * R, frow + CT, y + m * C + c0 + CT, R, C, n - CT);
-    }
-    const float* xm = x + m * R;
-    float* ym = y + m * C + c0;
-    switch (M - m) {
-      case 1: tile_t<1, NC>(xm, frow, ym, R, C, n); break;
-      case 2: tile_t<2, NC>(xm, frow, ym, R, C, n); break;
-      case 3:
-        tile_t<3, CT>(xm, frow, ym, R, C, n);
-        tile_t<3, CT>(xm, frow + CT, ym + CT, R, C, n - CT);
-        break;
-      default: break;
-    }
-  }
-}
+enum class Layout { kRows, kTransposed, kPacked };
 
 ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                       ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+                       ffi::ResultBuffer<ffi::F32> y, Layout layout) {
   auto xd = x.dimensions(), qd = q.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || qd.size() != 2 || yd.size() != 2)
-    return failed(ffi::Error::InvalidArgument("int8 matmul wants 2-D x, q, y"));
-  const int64_t M = xd[0], R = xd[1], C = transposed ? qd[0] : qd[1];
-  if ((transposed ? qd[1] : qd[0]) != R || yd[0] != M || yd[1] != C)
+  const size_t q_rank = layout == Layout::kPacked ? 3 : 2;
+  if (xd.size() != 2 || qd.size() != q_rank || yd.size() != 2)
+    return failed(ffi::Error::InvalidArgument("int8 matmul wants 2-D f32 x and y, a " + std::to_string(q_rank) +
+                                              "-D q"));
+  const int64_t M = xd[0], R = xd[1];
+  int64_t C = 0, q_rows = 0;
+  switch (layout) {
+    case Layout::kRows: q_rows = qd[0], C = qd[1]; break;
+    case Layout::kTransposed: q_rows = qd[1], C = qd[0]; break;
+    case Layout::kPacked: q_rows = qd[2] == PW ? qd[1] : -1, C = qd[0] * PW; break;
+  }
+  if (q_rows != R || yd[0] != M || yd[1] != C)
     return failed(ffi::Error::InvalidArgument("int8 matmul shape mismatch: x " + shape_str(xd) + ", q " +
                                               shape_str(qd) + ", y " + shape_str(yd)));
   const float* xp = x.typed_data();
@@ -328,20 +49,22 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     std::fill(yp, yp + M * C, 0.f);
     return meshlm::done_future();
   }
-  if (transposed)
-    return run_split(pool, C, 2 * CT, R * C,
-                     [=](int64_t lo, int64_t hi) { matmul_t_rows(xp, qp, yp, M, R, C, lo, hi); });
-  return run_split(pool, C, PW, R * C,  // PW: 576 columns are 9 units, not 5 (a 3:2 split over 2 threads)
-                   [=](int64_t lo, int64_t hi) { matmul_cols(xp, qp, yp, M, R, C, lo, hi); });
+  switch (layout) {
+    case Layout::kTransposed:
+      return run_split(pool, C, 2 * CT, R * C,
+                       [=](int64_t lo, int64_t hi) { matmul_t_rows(xp, qp, yp, M, R, C, lo, hi); });
+    case Layout::kPacked:
+      return run_split(pool, C, PW, R * C,
+                       [=](int64_t lo, int64_t hi) { matmul_packed(xp, qp, nullptr, yp, M, R, C, lo, hi); });
+    default:
+      return run_split(pool, C, PW, R * C,  // PW: 576 columns are 9 units, not 5 (a 3:2 split over 2 threads)
+                       [=](int64_t lo, int64_t hi) { matmul_cols(xp, qp, yp, M, R, C, lo, hi); });
+  }
 }
 
-ffi::Future Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::ResultBuffer<ffi::F32> y) {
-  return Int8Matmul(pool, x, q, y, false);
-}
-
-ffi::Future Transposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                       ffi::ResultBuffer<ffi::F32> y) {
-  return Int8Matmul(pool, x, q, y, true);
+template <Layout L>
+ffi::Future Handler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::ResultBuffer<ffi::F32> y) {
+  return Int8Matmul(pool, x, q, y, L);
 }
 
 auto Binding() {
@@ -351,5 +74,6 @@ auto Binding() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_int8_matmul, Rows, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_int8_matmul_t, Transposed, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_int8_matmul, Handler<Layout::kRows>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_int8_matmul_t, Handler<Layout::kTransposed>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_int8_matmul_p, Handler<Layout::kPacked>, Binding());
