@@ -52,6 +52,26 @@ def test_ragged_batch_with_slot_reuse_equals_each_prompt_alone(engine, sp):
     assert all(len(t) == 10 for t in batch)
 
 
+def test_next_step_is_dispatched_ahead_and_discarded_by_insert(params):
+    """generate() launches the following step before reading its ids back; an insert voids it (it
+    ran on the old slot state) and the step is redone: slot 0's tokens are those of a run with no
+    insert, slot 1 continues its new prompt exactly."""
+    eng = Engine(ReferenceBackend(CFG), params, slots=2, max_len=64)
+    sp = SamplingParams(max_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
+    pre = eng.prefill(PROMPTS[:2], [sp, sp])
+    eng.insert(pre, 0, 0, sp)
+    eng.insert(pre, 1, 1, sp)
+    steps = [eng.generate() for _ in range(3)]
+    assert eng._ahead is not None
+    eng.insert(eng.prefill([PROMPTS[2]], [sp]), 0, 1, sp)
+    assert eng._ahead is None
+    steps += [eng.generate() for _ in range(3)]
+    alone = eng.generate_ids([PROMPTS[0], PROMPTS[2]], SamplingParams(max_tokens=7, temperature=0.8, seed=5,
+                                                                       ignore_eos=True))
+    assert [int(s[0]) for s in steps] == alone[0][1:]
+    assert [int(s[1]) for s in steps[3:]] == alone[1][1:4]
+
+
 def test_seed_changes_sampled_tokens(engine):
     a = engine.generate_ids([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=1.0, seed=1, ignore_eos=True))
     b = engine.generate_ids([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=1.0, seed=2, ignore_eos=True))

@@ -79,8 +79,9 @@ def run_once(eng, ps: list[list[int]], gen_len: int) -> tuple[float, list[float]
     steps = []
     for _ in range(gen_len):
         t = time.perf_counter()
-        eng.generate()  # returns host ids: the step is done
+        eng.generate()  # returns host ids: the step is done (and the next one launched)
         steps.append(time.perf_counter() - t)
+    eng.sync()  # the step launched ahead must not run into the next measurement
     return ttft, steps
 
 

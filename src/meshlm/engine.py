@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from meshlm import reference
 from meshlm.config import ModelConfig
@@ -99,12 +100,17 @@ class Engine:
         self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(3,))
         shardings = jax.tree.map(lambda a: a.sharding, self.cache)  # insert keeps decode's layout
         self._insert_jit = jax.jit(_insert_fn, donate_argnums=(0,), out_shardings=shardings)
-        self._generate_jit = jax.jit(self._generate_fn, donate_argnums=(1,))
+        sh = jax.tree.leaves(self.cache)[0].sharding  # sampled ids come back replicated over the cache's devices
+        self._ids_sharding = NamedSharding(sh.mesh, PartitionSpec()) if isinstance(sh, NamedSharding) else sh
+        # outputs pinned like the inputs: a cache coming back in an equivalent but differently
+        # written sharding (P() for P(None, None, 'zyx', None) on one device) compiled the step twice
+        self._generate_jit = jax.jit(self._generate_fn, donate_argnums=(1,), out_shardings=(self._ids_sharding, shardings))
         # host-side slot state
         self.tokens = np.zeros(slots, np.int32)  # last sampled token of each slot (the next input)
         self.positions = np.zeros(slots, np.int32)  # position that token takes
         self.sampling = [SamplingParams()] * slots
         self._sp = batch_arrays(self.sampling)
+        self._ahead = None  # ids of the next step, dispatched ahead by generate()
         self.stats = RunStats()
 
     # ---- jitted bodies -------------------------------------------------------------------------
@@ -139,18 +145,37 @@ class Engine:
 
     def insert(self, pre: Prefilled, index: int, slot: int, sampling: SamplingParams) -> None:
         """Copy prefilled sequence `index` into decode slot `slot` (its first token becomes the next input)."""
+        self._ahead = None  # the speculative step ran on the old slot state (see generate)
         self.cache = self._insert_jit(self.cache, pre.cache, jnp.int32(index), jnp.int32(slot))
         self.tokens[slot], self.positions[slot] = pre.first_ids[index], pre.lengths[index]
         self.sampling[slot] = sampling
         self._sp = batch_arrays(self.sampling)
 
     def generate(self) -> np.ndarray:
-        """One decode step for all slots -> the sampled token of each slot (host array [slots])."""
-        positions = np.minimum(self.positions, self.max_len - 1)
-        ids, self.cache = self._generate_jit(self.params, self.cache, self.tokens, positions, self._sp)
+        """One decode step for all slots -> the sampled token of each slot (host array [slots]).
+
+        The step after it is dispatched before this one's ids are read back (from its ids on the
+        device), so launching it overlaps this step's run instead of following it. insert()
+        discards that speculative step: a step is deterministic in (tokens, positions, sampling),
+        so running it again writes the same cache rows and samples the same ids."""
+        ids = self._ahead if self._ahead is not None else self._dispatch(self.tokens, self.positions)
+        self._ahead = self._dispatch(ids, self.positions + 1)
         ids = np.asarray(ids)
         self.tokens = ids.astype(np.int32)
         self.positions = self.positions + 1
+        return ids
+
+    def sync(self) -> None:
+        """Wait for the step dispatched ahead, if any (e.g. before timing something else)."""
+        jax.block_until_ready(self.cache)
+
+    def _dispatch(self, tokens, positions):
+        """Launch one decode step (asynchronously); its ids stay on the device. Host tokens are put
+        where the step leaves its ids, so both kinds of input share one compiled step."""
+        if isinstance(tokens, np.ndarray):
+            tokens = jax.device_put(tokens, self._ids_sharding)
+        ids, self.cache = self._generate_jit(self.params, self.cache, tokens, np.minimum(positions, self.max_len - 1),
+                                             self._sp)
         return ids
 
     # ---- a whole batch of requests ---------------------------------------------------------------
