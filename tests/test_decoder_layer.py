@@ -20,10 +20,12 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavai
 
 M1 = MeshShape(1, 1, 1)
 BASE = dict(n_layers=2, d_model=64, d_ff=192, vocab=250, max_seq_len=64, block="serial")
-# interleaved pairs on a partial rotary dim, and multiquery (K = 1, 3 query heads of 64)
+# interleaved pairs on a partial rotary dim, and multiquery (K = 1, 3 query heads of 64) with an
+# untied lm_head
 GPTJ_ROPE = ModelConfig(name="llama-interleaved", n_heads=4, n_kv_heads=2, d_head=16, rotary_dim=8,
                         rope_style="interleaved", **BASE)
-MQA = ModelConfig(name="llama-mqa", n_heads=3, n_kv_heads=1, d_head=64, **BASE)
+MQA = ModelConfig(name="llama-mqa", n_heads=3, n_kv_heads=1, d_head=64, **{**BASE, "vocab": 256},
+                  tie_embeddings=False)
 
 
 def _decode_hlo(sm, params, layout, batch=8):
@@ -40,6 +42,9 @@ def test_fused_decode_equals_reference_on_dequantized_weights(cfg):
     layout = Layout("ws2d", "batch", "int8", M1)
     hlo = _decode_hlo(sm, stored["2d"], layout)
     assert hlo.count('"meshlm_decoder_layer"') == cfg.n_layers
+    # the output projection (tied embedding or lm_head) is packed too when V allows (250: not)
+    head = stored["2d"]["embed" if cfg.tie_embeddings else "lm_head"]
+    assert ("p" in head) == (cfg.vocab % 64 == 0)
     # the cache is updated in place: no copy of a [B, S, K, D] array anywhere in the step
     assert not re.search(rf"f32\[8,{S},{cfg.n_kv_heads},{cfg.d_head}\]\{{[^}}]*\}} copy\(", hlo)
     assert not check_layout(sm, stored, layout, params=int8_as_f32(params, cfg))

@@ -274,14 +274,22 @@ class Body:
     def embed(self, tokens, table):
         """tokens [B, L] (replicated) -> residual [Bl, L, E_r] via one reduce-scatter(xyz)."""
         m, p = self.m, self.layout.plan
-        q = table["q"] if is_quantized(table) else table
-        Vl = q.shape[0]
+        if is_packed(table):  # one device, the tied table packed as [V/64, E, 64]: row v is a column
+            pk = table["p"]
+            Vl = pk.shape[0] * pk.shape[2]
+        else:
+            q = table["q"] if is_quantized(table) else table
+            Vl = q.shape[0]
         v0 = group_index(("x", "y", "z")) * Vl
         idx = tokens - v0
         hit = (idx >= 0) & (idx < Vl)
-        rows = jnp.take(q, jnp.clip(idx, 0, Vl - 1), axis=0).astype(self.dt)
+        ci = jnp.clip(idx, 0, Vl - 1)
+        if is_packed(table):
+            rows = pk[ci // pk.shape[2], :, ci % pk.shape[2]].astype(self.dt)  # [B, L, E]
+        else:
+            rows = jnp.take(q, ci, axis=0).astype(self.dt)
         if is_quantized(table):
-            rows = rows * table["s"][jnp.clip(idx, 0, Vl - 1)][..., None].astype(self.dt)
+            rows = rows * table["s"][ci][..., None].astype(self.dt)
         rows = jnp.where(hit[..., None], rows, 0)
         B, L = tokens.shape
         nb = m.size(p.batch_axes)
@@ -304,11 +312,12 @@ class Body:
         stats = norm_stats(h, cfg.norm == "rmsnorm")
         h = apply_norm(h, stats, self.E, params["final_norm"], cfg.norm == "rmsnorm", cfg.norm_eps)
         h = h.reshape(-1, self.E).astype(jnp.float32)
-        if "lm_head" in params:
-            w = params["lm_head"]
+        w = params["lm_head"] if "lm_head" in params else params["embed"]
+        if is_packed(w):  # one device: [E, V] packed either way
+            out = dot_rows(h, w["p"], jnp.float32)
+        elif "lm_head" in params:
             out = dot_rows(h, w["q"] if is_quantized(w) else w, jnp.float32)
         else:  # tied: the embedding [V, E] read as stored (chunked over V when int8)
-            w = params["embed"]
             out = dot_t(h, w["q"] if is_quantized(w) else w, jnp.float32)
         if is_quantized(w):
             out = out * w["s"]

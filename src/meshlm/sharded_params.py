@@ -167,8 +167,8 @@ def per_layer(tree, specs) -> tuple[dict, dict]:
 
 
 def pack_layers(tree, specs, geo: Geometry) -> tuple[dict, dict]:
-    """One device's int8 unit matrices packed panel-major (meshlm.quant.pack_panels) where their
-    columns allow: {"q": [R, C], "s"} -> {"p": [C/64, R, 64], "s"}, the layout the CPU kernels
+    """One device's int8 unit matrices and output projection packed panel-major
+    (meshlm.quant.pack_panels) where their columns allow: {"q": [R, C], "s"} -> {"p": [C/64, R, 64], "s"}, the layout the CPU kernels
     stream fastest (meshlm.kernels). Per-layer trees (after per_layer); nothing is gathered on one
     device, so no other code reads the row-major form. A parallel block with two norms keeps its
     input matrix row-major: its norm groups split the columns at any offset."""
@@ -184,7 +184,16 @@ def pack_layers(tree, specs, geo: Geometry) -> tuple[dict, dict]:
                 ls[k] = {"p": P(), "s": ls[k]["s"]}
         layers.append(lw)
         lspecs.append(ls)
-    return {**tree, "layers": tuple(layers)}, {**specs, "layers": tuple(lspecs)}
+    tree, specs = {**tree, "layers": tuple(layers)}, {**specs, "layers": tuple(lspecs)}
+    # the output projection: lm_head [E, V] as it is, a tied embedding [V, E] transposed (its
+    # lookups then gather a column of each panel)
+    for k, q_of in (("lm_head", lambda q: q), ("embed", lambda q: q.T)):
+        w = tree.get(k)
+        if k == "embed" and "lm_head" in tree or not is_quantized(w) or not packable(q_of(w["q"])):
+            continue
+        tree[k] = {"p": pack_panels(np.ascontiguousarray(q_of(w["q"]))), "s": w["s"]}
+        specs[k] = {"p": P(), "s": specs[k]["s"]}
+    return tree, specs
 
 
 def build_stored(params, geo: Geometry, weights: str, storage: str) -> dict:
