@@ -1,6 +1,6 @@
-"""The fused decode layer (meshlm.kernels.decoder_layer) that a one-device int8 engine runs: equal to
-the reference on the dequantized weights and to the unfused XLA path, the cache updated in place,
-and used exactly where its conditions hold."""
+"""The fused decode layer (meshlm.kernels.decoder_layer) that a one-device int8 or f32 engine runs:
+equal to the reference (int8: on the dequantized weights) and to the unfused XLA path, the cache
+updated in place, and used exactly where its conditions hold."""
 
 import re
 
@@ -34,12 +34,15 @@ def _decode_hlo(sm, params, layout, batch=8):
     return low.compile().as_text()
 
 
-@pytest.mark.parametrize("cfg", [preset("tiny-llama"), GPTJ_ROPE, MQA], ids=lambda c: c.name)
-def test_fused_decode_equals_reference_on_dequantized_weights(cfg):
+@pytest.mark.parametrize("cfg,weights", [(preset("tiny-llama"), "int8"), (GPTJ_ROPE, "int8"), (MQA, "int8"),
+                                         (preset("tiny-llama"), "f32"), (MQA, "f32")],
+                         ids=lambda v: getattr(v, "name", v))
+def test_fused_decode_equals_reference(cfg, weights):
+    """int8: against the reference on the dequantized weights; f32: on the weights themselves."""
     sm = ShardedModel(cfg, M1)
     params = reference_run(cfg)[0]
-    stored = {s: sm.shard_params(params, "int8", s) for s in ("1d", "2d")}
-    layout = Layout("ws2d", "batch", "int8", M1)
+    stored = {s: sm.shard_params(params, weights, s) for s in ("1d", "2d")}
+    layout = Layout("ws2d", "batch", weights, M1)
     hlo = _decode_hlo(sm, stored["2d"], layout)
     assert hlo.count('"meshlm_decoder_layer"') == cfg.n_layers
     # the output projection (tied embedding or lm_head) is packed too when V allows (250: not)
@@ -47,7 +50,7 @@ def test_fused_decode_equals_reference_on_dequantized_weights(cfg):
     assert ("p" in head) == (cfg.vocab % 64 == 0)
     # the cache is updated in place: no copy of a [B, S, K, D] array anywhere in the step
     assert not re.search(rf"f32\[8,{S},{cfg.n_kv_heads},{cfg.d_head}\]\{{[^}}]*\}} copy\(", hlo)
-    assert not check_layout(sm, stored, layout, params=int8_as_f32(params, cfg))
+    assert not check_layout(sm, stored, layout, params=int8_as_f32(params, cfg) if weights == "int8" else None)
 
 
 def test_fused_equals_unfused_path_with_positions_at_and_past_the_cache_end(monkeypatch):
@@ -87,9 +90,9 @@ def test_fused_equals_unfused_path_with_positions_at_and_past_the_cache_end(monk
     assert np.all(fc["k"][:, 1, S - 1] != 0) and np.all(fc["k"][:, 1, 5:S - 1] == 0)
 
 
-@pytest.mark.parametrize("weights,mesh", [("f32", M1), ("bf16", M1), ("int8", MeshShape(2, 2, 2))])
+@pytest.mark.parametrize("weights,mesh", [("bf16", M1), ("f32", MeshShape(2, 2, 2)), ("int8", MeshShape(2, 2, 2))])
 def test_not_fused_where_its_conditions_fail(weights, mesh):
-    """f32/bf16 weights, or more than one device (weights are packed on one device only): the XLA path."""
+    """bf16 weights, or more than one device (weights are packed on one device only): the XLA path."""
     cfg = preset("tiny-llama")
     sm = ShardedModel(cfg, mesh)
     params = sm.shard_params(reference_run(cfg)[0], weights)

@@ -53,16 +53,19 @@ def test_packed_kernel_matches_float64_and_unpacks(M, R, C):
     x, q = _case(M, R, C, seed=5)
     p = quant.pack_panels(q)
     assert p.shape == (C // 64, R, 64) and np.array_equal(np.asarray(quant.unpack_panels(jnp.asarray(p))), q)
-    _close(jax.jit(kernels.int8_matmul_packed)(x, p), x.astype(np.float64) @ q)
+    _close(jax.jit(kernels.packed_matmul)(x, p), x.astype(np.float64) @ q)
+    w = q.astype(np.float32) / 127  # f32 weights, packed the same way
+    _close(jax.jit(kernels.packed_matmul)(x, quant.pack_panels(w)), x.astype(np.float64) @ w)
 
 
-@pytest.mark.parametrize("M", [1, quant.KERNEL_MAX_M + 1])
+@pytest.mark.parametrize("M", [1, quant.KERNEL_MAX_M, quant.KERNEL_MAX_M + 1])
 def test_dot_rows_on_packed_weights_kernel_and_xla_path(M):
     x, q = _case(M, 130, 192, seed=6)
     fn = jax.jit(lambda a, b: quant.dot_rows(a, b, jnp.float32))
-    p = jnp.asarray(quant.pack_panels(q))
-    assert ("meshlm_int8_matmul_p" in fn.lower(x, p).compile().as_text()) == (M <= quant.KERNEL_MAX_M)
-    _close(fn(x, p), x.astype(np.float64) @ q)
+    for w, target in ((q, "meshlm_int8_matmul_p"), (q.astype(np.float32) / 127, "meshlm_f32_matmul_p")):
+        p = jnp.asarray(quant.pack_panels(w))
+        assert (target in fn.lower(x, p).compile().as_text()) == (M <= quant.KERNEL_MAX_M)
+        _close(fn(x, p), x.astype(np.float64) @ w)
 
 
 def test_every_output_written_and_no_neighbour_clobbered():
@@ -83,8 +86,8 @@ def test_shape_errors_are_clear():
         kernels.int8_matmul_t(x, q)
     with pytest.raises(ValueError, match="int8"):
         kernels.int8_matmul(x, q.astype(np.int16))
-    with pytest.raises(ValueError, match="int8_matmul_p"):
-        kernels.int8_matmul_packed(x, q)  # not packed
+    with pytest.raises(ValueError, match="packed"):
+        kernels.packed_matmul(x, q)  # not packed
 
 
 @pytest.mark.parametrize("M", sorted({1, 3, quant.KERNEL_MAX_M_T, quant.KERNEL_MAX_M_T + 1, quant.KERNEL_MAX_M,

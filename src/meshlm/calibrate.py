@@ -170,10 +170,13 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
     def stored(rows, cols):
         """(one [rows, cols] weight per device in the format, int8 scales or None)"""
         w = rng.standard_normal((n, rows, cols), np.float32) / np.sqrt(rows)
+        packed = quant.packs(weights, n) and quant.packable(w[0])  # as the engine stores them on one device
         if weights != "int8":
+            if packed:
+                return _put(mesh, jnp.asarray(quant.pack_panels(w[0].astype(np.float32)))), None
             return _put(mesh, jnp.asarray(w.reshape(n * rows, cols), _DTYPES.get(weights, weights))), None
         q = quant.quantize(w, axis=-1)
-        if quant.packs(n) and quant.packable(q["q"][0]):  # as the engine stores them on one device
+        if packed:
             return _put(mesh, jnp.asarray(quant.pack_panels(q["q"][0]))), jnp.asarray(q["s"])
         return _put(mesh, jnp.asarray(q["q"].reshape(n * rows, cols))), jnp.asarray(q["s"])
 

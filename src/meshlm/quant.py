@@ -23,6 +23,9 @@ ROW_BLOCK = 256
 # Up to the tie the kernel also spares what the XLA path costs after it: it converts each weight
 # to a fresh f32 temporary, and over a model (SmolLM2 prefill of 128 tokens: ~0.5 GB of them) that
 # churn made the next call on this VM up to 9x slower (benchmarks: decode after a 128-token prefill).
+# Packed weights (one device), SmolLM2 FFN pairs x 30 layers (benchmarks/packed_matmul.py): int8
+# 112 vs 141 ms (XLA on the unpacked weight) at M = 256, 223 vs 200 at 512; f32 99 vs 102 ms (XLA's
+# GEMM on a row-major copy) at 256, 218 vs 164 at 512 (188 through the unpacking transpose).
 KERNEL_MAX_M = 256
 KERNEL_MAX_M_T = 16
 XLA_SCAN_MAX_M = 64  # the XLA path dequantizes per row block (in a scan) up to this many rows, else whole
@@ -48,17 +51,18 @@ def dequantize(t, axis: int = -1):
 
 
 def is_quantized(w) -> bool:
-    """An int8 weight {"q": [R, C], "s"} or packed {"p": [C/64, R, 64], "s"} (pack_panels)."""
-    return isinstance(w, dict) and ("q" in w or "p" in w)
+    """An int8 weight: {"q": [R, C], "s": [C]}, or packed {"p": [C/64, R, 64], "s"} (pack_panels)."""
+    return isinstance(w, dict) and "s" in w
 
 
 def is_packed(w) -> bool:
+    """A weight packed panel-major (one CPU device): {"p": int8, "s"} or {"p": f32}."""
     return isinstance(w, dict) and "p" in w
 
 
-def int8_of(w):
-    """The int8 array of a quantized weight, row-major or packed."""
-    return w["p"] if "p" in w else w["q"]
+def array_of(w):
+    """The stored array of a weight in any of its forms (plain, int8, packed)."""
+    return w if not isinstance(w, dict) else w["p"] if "p" in w else w["q"]
 
 
 def row_block(R: int) -> int | None:
@@ -70,24 +74,27 @@ def row_block(R: int) -> int | None:
 
 
 def use_kernel(M: int, transposed: bool = False) -> bool:
-    """Whether an int8 dot (x @ q, or x @ q.T when transposed) with M activation rows goes to the
-    CPU kernel (on CPU)."""
+    """Whether a dot with M activation rows goes to the CPU kernel (on CPU): int8 or packed x @ q,
+    or int8 x @ q.T when transposed."""
     return M <= (KERNEL_MAX_M_T if transposed else KERNEL_MAX_M) and kernels.enabled()
 
 
 def dot_rows(x, w, dtype):
-    """x [M, R] @ w [R, C] with w int8 (unscaled) or float; result in `dtype` (f32 accumulate). An
-    int8 w of rank 3 is packed panel-major ([C/64, R, 64], `pack_panels`).
+    """x [M, R] @ w [R, C] with w int8 (unscaled) or float; result in `dtype` (f32 accumulate). A w
+    of rank 3 is packed panel-major ([C/64, R, 64], `pack_panels`; int8 or f32).
 
-    int8: the CPU kernel for small M on CPU, else `xla_dot_rows`."""
+    int8 and packed: the CPU kernel for small M on CPU, else the XLA path (`xla_dot_rows`)."""
+    if w.ndim == 3:
+        f32 = w.dtype != jnp.int8
+
+        def xla(x, w):
+            w = unpack_panels(w)
+            return jnp.dot(x.astype(jnp.float32), w) if f32 else xla_dot_rows(x, w)
+        if x.ndim == 2 and use_kernel(x.shape[0]):
+            return jax.lax.platform_dependent(x, w, cpu=kernels.packed_matmul, default=xla).astype(dtype)
+        return xla(x, w).astype(dtype)
     if w.dtype != jnp.int8:
         return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-    if w.ndim == 3:
-        def xla(x, w):
-            return xla_dot_rows(x, unpack_panels(w))
-        if x.ndim == 2 and use_kernel(x.shape[0]):
-            return jax.lax.platform_dependent(x, w, cpu=kernels.int8_matmul_packed, default=xla).astype(dtype)
-        return xla(x, w).astype(dtype)
     if x.ndim == 2 and use_kernel(x.shape[0]):
         return jax.lax.platform_dependent(x, w, cpu=kernels.int8_matmul, default=xla_dot_rows).astype(dtype)
     return xla_dot_rows(x, w).astype(dtype)
@@ -115,19 +122,19 @@ def xla_dot_rows(x, w):
 
 
 def packable(q) -> bool:
-    """Whether an int8 weight [R, C] can be packed: C a whole number of panels."""
+    """Whether a weight [R, C] can be packed: C a whole number of panels."""
     return q.ndim == 2 and q.shape[1] % kernels.PANEL == 0
 
 
-def packs(n_devices: int) -> bool:
-    """Whether int8 weights are stored packed (pack_panels) for the CPU kernels: on one CPU device,
-    where no layout gathers or slices them."""
-    return n_devices == 1 and kernels.enabled()
+def packs(weights: str, n_devices: int) -> bool:
+    """Whether weights of this format are stored packed (pack_panels) for the CPU kernels: int8 or
+    f32 on one CPU device, where no layout gathers or slices them."""
+    return weights in ("int8", "f32") and n_devices == 1 and kernels.enabled()
 
 
 def pack_panels(q):
-    """int8 [R, C] -> [C/64, R, 64] (numpy): each panel of 64 columns one contiguous block, which
-    the CPU kernels stream in order (the engine stores a single device's int8 weights this way)."""
+    """[R, C] -> [C/64, R, 64] (numpy, any dtype): each panel of 64 columns one contiguous block,
+    which the CPU kernels stream in order (the engine stores a single device's weights this way)."""
     R, C = q.shape
     return np.ascontiguousarray(np.asarray(q).reshape(R, C // kernels.PANEL, kernels.PANEL).transpose(1, 0, 2))
 

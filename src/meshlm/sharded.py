@@ -37,7 +37,7 @@ from meshlm import comm
 from meshlm.errors import MeshlmError
 from meshlm.layouts import Layout, MeshShape
 from meshlm.mesh import make_mesh
-from meshlm.quant import int8_of, is_packed, is_quantized, packs
+from meshlm.quant import array_of, is_packed, packs
 from meshlm.sharded_body import Body
 from meshlm.sharded_params import Geometry, build_stored, pack_layers, per_layer, stored_specs
 
@@ -60,7 +60,7 @@ class ShardedModel:
             raise MeshlmError(f"weights must be f32|bf16|int8 and storage 1d|2d, got {weights!r}, {storage!r}")
         tree = build_stored(jax.tree.map(np.asarray, params), self.geo, weights, storage)
         tree, specs = per_layer(tree, stored_specs(self.geo, storage, weights == "int8", tree))
-        if weights == "int8" and packs(self.mesh_shape.n):
+        if packs(weights, self.mesh_shape.n):
             tree, specs = pack_layers(tree, specs, self.geo)
         return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(self.mesh, s)), tree, specs)
 
@@ -71,7 +71,7 @@ class ShardedModel:
         u = self.geo.units[0].name
         w = params["layers"][0][f"{u}_in"]
         packed = is_packed(w)  # one device: 1d and 2d storage are the same arrays
-        w = int8_of(w) if is_quantized(w) else w
+        w = array_of(w)
         if not packed and (layout.ffn == "ws1d") != (w.sharding.spec[0] is None):
             need = "1d" if layout.ffn == "ws1d" else "2d"
             raise MeshlmError(f"layout {layout.ffn} needs params stored with storage={need!r}")

@@ -85,7 +85,7 @@ class Body:
         """Stored block [E_s, Cb] (int8: + scales [Cb]) -> ([E_l, N, Cb], scales [N, Cb] or None).
         Packed (one device): the packed weight [C/64, E, 64] as stored, scales [1, C]."""
         if is_packed(w):
-            return w["p"], w["s"][None]
+            return w["p"], (w["s"][None] if is_quantized(w) else None)
         q, s = (w["q"], w["s"]) if is_quantized(w) else (w, None)
         if not (self.wg_e or self.wg_c):
             return q[:, None, :], (None if s is None else s[None])
@@ -102,7 +102,7 @@ class Body:
         """Stored block [Cmb, E_s] (int8: + scales [E_s]) -> ([N * Cmb, E_o], scales [E_o] or None).
         Packed (one device): the packed weight [E/64, Cm, 64] as stored."""
         if is_packed(w):
-            return w["p"], w["s"]
+            return w["p"], w.get("s")
         q, s = (w["q"], w["s"]) if is_quantized(w) else (w, None)
         if not (self.wg_e or self.wg_c):
             return q, s
@@ -329,7 +329,7 @@ class Body:
     def fused(self, params, cache) -> bool:
         """Whether this pass runs each layer as one CPU kernel call (kernels.decoder_layer): a
         decode step of a Llama-style model (serial block, RMSNorm, gated SiLU, no biases) on one
-        device, int8 weights packed, f32 activations and cache, at most KERNEL_MAX_M rows."""
+        device, weights packed (int8 or f32), f32 activations and cache, at most KERNEL_MAX_M rows."""
         cfg, g, lw, ck = self.cfg, self.geo, params["layers"][0], cache["k"][0]
         return (self.phase == "decode" and self.m.n == 1 and kernels.enabled() and self.dt == jnp.float32
                 and cfg.block == "serial" and cfg.norm == "rmsnorm" and cfg.gated_mlp and cfg.activation == "silu"

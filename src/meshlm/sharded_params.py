@@ -167,9 +167,9 @@ def per_layer(tree, specs) -> tuple[dict, dict]:
 
 
 def pack_layers(tree, specs, geo: Geometry) -> tuple[dict, dict]:
-    """One device's int8 unit matrices and output projection packed panel-major
-    (meshlm.quant.pack_panels) where their columns allow: {"q": [R, C], "s"} -> {"p": [C/64, R, 64], "s"}, the layout the CPU kernels
-    stream fastest (meshlm.kernels). Per-layer trees (after per_layer); nothing is gathered on one
+    """One device's unit matrices and output projection packed panel-major (meshlm.quant.pack_panels)
+    where their columns allow: int8 {"q": [R, C], "s"} -> {"p": [C/64, R, 64], "s"}, f32 [R, C] ->
+    {"p": [C/64, R, 64]}, the layout the CPU kernels stream fastest (meshlm.kernels). Per-layer trees (after per_layer); nothing is gathered on one
     device, so no other code reads the row-major form. A parallel block with two norms keeps its
     input matrix row-major: its norm groups split the columns at any offset."""
     assert geo.mesh.n == 1, "packed weights are for one device"
@@ -179,21 +179,30 @@ def pack_layers(tree, specs, geo: Geometry) -> tuple[dict, dict]:
     for lw, ls in zip(tree["layers"], specs["layers"]):
         lw, ls = dict(lw), dict(ls)
         for k in names:
-            if is_quantized(lw[k]) and packable(lw[k]["q"]):
-                lw[k] = {"p": pack_panels(lw[k]["q"]), "s": lw[k]["s"]}
-                ls[k] = {"p": P(), "s": ls[k]["s"]}
+            lw[k], ls[k] = _packed(lw[k], ls[k], lambda a: a)
         layers.append(lw)
         lspecs.append(ls)
     tree, specs = {**tree, "layers": tuple(layers)}, {**specs, "layers": tuple(lspecs)}
     # the output projection: lm_head [E, V] as it is, a tied embedding [V, E] transposed (its
     # lookups then gather a column of each panel)
-    for k, q_of in (("lm_head", lambda q: q), ("embed", lambda q: q.T)):
-        w = tree.get(k)
-        if k == "embed" and "lm_head" in tree or not is_quantized(w) or not packable(q_of(w["q"])):
-            continue
-        tree[k] = {"p": pack_panels(np.ascontiguousarray(q_of(w["q"]))), "s": w["s"]}
-        specs[k] = {"p": P(), "s": specs[k]["s"]}
+    k, orient = ("lm_head", lambda a: a) if "lm_head" in tree else ("embed", lambda a: a.T)
+    tree[k], specs[k] = _packed(tree[k], specs[k], orient)
     return tree, specs
+
+
+def _packed(w, spec, orient):
+    """(leaf, spec) of weight w ([R, C] once `orient`ed) packed: int8 {"q", "s"} -> {"p", "s"}, f32
+    array -> {"p"}; as they were when its columns are not whole panels or it is another format."""
+    if is_quantized(w):
+        q, extra = w["q"], {"s": w["s"]}
+    elif isinstance(w, np.ndarray) and w.dtype == np.float32:
+        q, extra = w, {}
+    else:
+        return w, spec
+    q = orient(q)
+    if not packable(q):
+        return w, spec
+    return {"p": pack_panels(np.ascontiguousarray(q)), **extra}, {"p": P(), **({"s": spec["s"]} if extra else {})}
 
 
 def build_stored(params, geo: Geometry, weights: str, storage: str) -> dict:

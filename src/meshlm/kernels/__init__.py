@@ -3,11 +3,11 @@
 - `int8_matmul(x, q)` = x @ q and `int8_matmul_t(x, q)` = x @ q.T for f32 x [M, R] and an int8
   weight (unscaled): they read each int8 weight once and widen it in registers (int8_matmul.cc),
   which XLA:CPU's own int8 paths do not.
-  `int8_matmul_packed(x, p)` = the same for a weight packed panel-major (meshlm.quant.pack_panels):
+  `packed_matmul(x, p)` = x @ q for q int8 or f32 packed panel-major (meshlm.quant.pack_panels):
   each panel of 64 columns one contiguous stream, ~35% faster to stream than the row-major q.
 - `decode_attention(q, k, v, positions)`: one query position per sequence against the KV cache as
   stored, each cached row read once (decode_attention.cc); XLA:CPU's dots copy the cache transposed.
-- `decoder_layer(...)`: a whole Llama-style decode layer with packed int8 weights on one device
+- `decoder_layer(...)`: a whole Llama-style decode layer with packed weights on one device
   (decoder_layer.cc): one call instead of ~15 XLA fusions and 5 kernel calls per layer.
 
 The library is compiled on first use with the system g++
@@ -33,10 +33,10 @@ from meshlm.kernels.build import BuildError, build
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(f) for f in ("ffi_common.h", "int8_matmul.h", "attention.h", "int8_matmul.cc",
+_SOURCES = [Path(__file__).with_name(f) for f in ("ffi_common.h", "matmul.h", "attention.h", "int8_matmul.cc",
                                                    "decode_attention.cc", "decoder_layer.cc")]
-_TARGETS = ("meshlm_int8_matmul", "meshlm_int8_matmul_t", "meshlm_int8_matmul_p", "meshlm_decode_attention",
-            "meshlm_decoder_layer")
+_TARGETS = ("meshlm_int8_matmul", "meshlm_int8_matmul_t", "meshlm_int8_matmul_p", "meshlm_f32_matmul_p",
+            "meshlm_decode_attention", "meshlm_decoder_layer")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive: XLA holds its pointers)
 
@@ -80,19 +80,22 @@ def reason() -> str:
     return _state["reason"]
 
 
-PANEL = 64  # columns per panel of a packed int8 weight (int8_matmul.h: PW)
+PANEL = 64  # columns per panel of a packed int8 weight (matmul.h: PW)
 
 
 def _call(name: str, x, q, layout: str):
+    dtypes = (jnp.int8,)
     if layout == "packed":
         R, C, ok = q.shape[1], q.shape[0] * PANEL, q.ndim == 3 and q.shape[2] == PANEL
-        want = f"x [M, R], q int8 [C/{PANEL}, R, {PANEL}]"
+        want, dtypes = f"x [M, R], q int8 or f32 [C/{PANEL}, R, {PANEL}]", (jnp.int8, jnp.float32)
+        target = "int8_matmul_p" if q.dtype == jnp.int8 else "f32_matmul_p"
     else:
+        target = name
         R, C = q.shape[::-1] if layout == "transposed" else q.shape
         ok, want = q.ndim == 2, "x [M, R], q int8 [C, R]" if layout == "transposed" else "x [M, R], q int8 [R, C]"
-    if x.ndim != 2 or not ok or x.shape[1] != R or q.dtype != jnp.int8:
+    if x.ndim != 2 or not ok or x.shape[1] != R or q.dtype not in dtypes:
         raise ValueError(f"{name} wants {want}; got x {x.shape}, q {q.shape} {q.dtype}")
-    return _ffi(f"meshlm_{name}", [(x.shape[0], C)], x.astype(jnp.float32), q)[0]
+    return _ffi(f"meshlm_{target}", [(x.shape[0], C)], x.astype(jnp.float32), q)[0]
 
 
 def _ffi(target: str, shapes, *args, aliases=None, **attrs):
@@ -128,10 +131,10 @@ def int8_matmul_t(x, q):
     return _call("int8_matmul_t", x, q, "transposed")
 
 
-def int8_matmul_packed(x, p):
-    """f32 [M, C] = x [M, R] @ q for q int8 [R, C] (unscaled) packed as p [C/64, R, 64]
+def packed_matmul(x, p):
+    """f32 [M, C] = x [M, R] @ q for q [R, C] (int8 unscaled, or f32) packed as p [C/64, R, 64]
     (meshlm.quant.pack_panels). CPU only."""
-    return _call("int8_matmul_p", x, p, "packed")
+    return _call("packed_matmul", x, p, "packed")
 
 
 def decode_attention(q, k, v, positions):
@@ -149,12 +152,16 @@ def decode_attention(q, k, v, positions):
 
 def decoder_layer(x, positions, cos, sin, w: dict, k, v, eps: float, rope_half: bool):
     """One decode layer of the Llama family on one device (decoder_layer.cc): x f32 [B, E] at
-    positions [B] with RoPE tables cos, sin [B, R/2]; w: norm1, norm2 [E] and the packed int8
-    weights with their column scales, qkv {"p", "s"} (q|k|v), o, gu (gate|up), d; k, v f32
+    positions [B] with RoPE tables cos, sin [B, R/2]; w: norm1, norm2 [E] and the packed weights
+    qkv (q|k|v), o, gu (gate|up), d: {"p": int8, "s": column scales} or {"p": f32}; k, v f32
     [B, S, K, D] this layer's cache. -> (x', k', v'), the cache updated in place. CPU only."""
     f32 = jnp.float32
-    args = (x.astype(f32), positions.astype(jnp.int32), cos, sin, w["norm1"], w["qkv"]["p"], w["qkv"]["s"],
-            w["o"]["p"], w["o"]["s"], w["norm2"], w["gu"]["p"], w["gu"]["s"], w["d"]["p"], w["d"]["s"], k, v)
+
+    def pair(m):
+        return m["p"], m["s"] if "s" in m else jnp.zeros((0,), f32)
+
+    args = (x.astype(f32), positions.astype(jnp.int32), cos, sin, w["norm1"], *pair(w["qkv"]), *pair(w["o"]),
+            w["norm2"], *pair(w["gu"]), *pair(w["d"]), k, v)
     if k.dtype != f32 or v.dtype != f32:
         raise ValueError(f"decoder_layer wants an f32 cache; got {k.dtype}")
     return tuple(_ffi("meshlm_decoder_layer", [x.shape, k.shape, v.shape], *args, aliases={14: 1, 15: 2},

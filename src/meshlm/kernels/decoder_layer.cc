@@ -1,17 +1,18 @@
 // One whole decoder layer of a decode step on one CPU device, as one XLA FFI custom call: the
 // Llama family's serial block (RMSNorm, rotary attention with grouped KV heads, gated SiLU FFN,
-// no biases) with int8 weights packed panel-major (int8_matmul.h: matmul_packed) and an f32 cache.
+// no biases) with weights packed panel-major (matmul.h: matmul_packed), int8 with per-column
+// scales or f32 (scales then empty), and an f32 cache.
 //
 //   meshlm_decoder_layer:
 //     x f32 [B, E]                    the residual stream, one token per sequence
 //     positions s32 [B]               where each token goes in the cache (written when < S)
 //     cos, sin f32 [B, R/2]           RoPE at those positions, on the first R dims of each head
 //     norm1 f32 [E]                   attention RMSNorm scale
-//     w_qkv s8 [(H+2K)D/64, E, 64]    fused q|k|v projection, s_qkv f32 [(H+2K)D] column scales
-//     w_o s8 [E/64, HD, 64]           attention output, s_o f32 [E]
+//     w_qkv s8|f32 [(H+2K)D/64, E, 64]  fused q|k|v projection, s_qkv f32 [(H+2K)D] column scales
+//     w_o s8|f32 [E/64, HD, 64]       attention output, s_o f32 [E]
 //     norm2 f32 [E]                   FFN RMSNorm scale
-//     w_gu s8 [2F/64, E, 64]          fused gate|up, s_gu f32 [2F]
-//     w_d s8 [E/64, F, 64]            FFN output, s_d f32 [E]
+//     w_gu s8|f32 [2F/64, E, 64]      fused gate|up, s_gu f32 [2F]
+//     w_d s8|f32 [E/64, F, 64]        FFN output, s_d f32 [E] (f32 weights: every s_* is [0])
 //     k, v f32 [B, S, K, D]           this layer's cache, updated in place (aliased to results 1, 2)
 //     attributes: eps, rope_half (1: rotate halves, 0: interleaved pairs)
 //   -> x' f32 [B, E], k', v'
@@ -30,7 +31,7 @@
 
 #include "attention.h"
 #include "ffi_common.h"
-#include "int8_matmul.h"
+#include "matmul.h"
 
 namespace {
 
@@ -38,11 +39,11 @@ namespace ffi = xla::ffi;
 using meshlm::failed;
 using meshlm::run_split;
 using meshlm::shape_str;
-using meshlm::int8::matmul_packed;
-using meshlm::int8::PW;
+using meshlm::matmul::matmul_packed;
+using meshlm::matmul::PW;
 
 using F32 = ffi::Buffer<ffi::F32>;
-using S8 = ffi::Buffer<ffi::S8>;
+using W = ffi::AnyBuffer;  // a packed weight: int8 (with column scales) or f32 (scales empty)
 
 // out = x * rsqrt(mean(x^2) + eps) * g over one row of E (as model.apply_norm).
 void rms_norm(const float* x, const float* g, float eps, int64_t E, float* out) {
@@ -77,10 +78,18 @@ void silu_mul(const float* g, const float* u, float* h, int64_t n) {
   for (; i < n; ++i) h[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
-// y [M, C] = x [M, R] @ w (packed [C/PW, R, PW]) * s, columns split over the pool.
-void matmul(ffi::ThreadPool& pool, const float* x, const int8_t* w, const float* s, float* y, int64_t M,
-            int64_t R, int64_t C) {
-  run_split(pool, C, PW, R * C, [=](int64_t lo, int64_t hi) { matmul_packed(x, w, s, y, M, R, C, lo, hi); });
+// y [M, C] = x [M, R] @ w (packed [C/PW, R, PW], int8 or f32) * s (int8: the column scales; f32:
+// none), columns split over the pool.
+void matmul(ffi::ThreadPool& pool, const float* x, const ffi::AnyBuffer& w, F32& s, float* y, int64_t M, int64_t R,
+            int64_t C) {
+  if (w.element_type() == ffi::DataType::S8) {
+    const int8_t* q = static_cast<const int8_t*>(w.untyped_data());
+    const float* sp = s.typed_data();
+    run_split(pool, C, PW, R * C, [=](int64_t lo, int64_t hi) { matmul_packed(x, q, sp, y, M, R, C, lo, hi); });
+  } else {
+    const float* q = static_cast<const float*>(w.untyped_data());
+    run_split(pool, C, PW, 4 * R * C, [=](int64_t lo, int64_t hi) { matmul_packed(x, q, nullptr, y, M, R, C, lo, hi); });
+  }
 }
 
 bool dims_are(ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
@@ -92,7 +101,7 @@ bool dims_are(ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
 }
 
 ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> positions, F32 cos, F32 sin, F32 norm1,
-                         S8 w_qkv, F32 s_qkv, S8 w_o, F32 s_o, F32 norm2, S8 w_gu, F32 s_gu, S8 w_d, F32 s_d,
+                         W w_qkv, F32 s_qkv, W w_o, F32 s_o, F32 norm2, W w_gu, F32 s_gu, W w_d, F32 s_d,
                          F32 k_in, F32 v_in, float eps, int32_t rope_half, ffi::ResultBuffer<ffi::F32> x_out,
                          ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out) {
   auto xd = x.dimensions(), kd = k_in.dimensions(), qkv_d = w_qkv.dimensions(), gu_d = w_gu.dimensions();
@@ -100,14 +109,21 @@ ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> posi
     return failed(ffi::Error::InvalidArgument("decoder layer wants x [B, E], a [B, S, K, D] cache, packed weights"));
   const int64_t B = xd[0], E = xd[1], S = kd[1], K = kd[2], D = kd[3];
   const int64_t Cq = qkv_d[0] * PW, H = Cq / D - 2 * K, F = gu_d[0] * PW / 2, R2 = cos.dimensions()[1];
+  const auto wt = w_qkv.element_type();
+  const bool int8 = wt == ffi::DataType::S8;
+  const int64_t ns = int8 ? 1 : 0;  // scales: one per column (int8), none (f32)
+  const bool types = (int8 || wt == ffi::DataType::F32) && w_o.element_type() == wt &&
+                     w_gu.element_type() == wt && w_d.element_type() == wt;
+  if (!types)
+    return failed(ffi::Error::InvalidArgument("decoder layer wants four packed weights, all int8 or all f32"));
   const bool ok = H > 0 && H % K == 0 && (H + 2 * K) * D == Cq && 2 * R2 <= D && kd[0] == B &&
                   dims_are(positions.dimensions(), {B}) && dims_are(cos.dimensions(), {B, R2}) &&
                   dims_are(sin.dimensions(), {B, R2}) && dims_are(norm1.dimensions(), {E}) &&
                   dims_are(norm2.dimensions(), {E}) && dims_are(qkv_d, {Cq / PW, E, PW}) &&
-                  dims_are(s_qkv.dimensions(), {Cq}) && dims_are(w_o.dimensions(), {E / PW, H * D, PW}) &&
-                  dims_are(s_o.dimensions(), {E}) && dims_are(gu_d, {2 * F / PW, E, PW}) &&
-                  dims_are(s_gu.dimensions(), {2 * F}) && dims_are(w_d.dimensions(), {E / PW, F, PW}) &&
-                  dims_are(s_d.dimensions(), {E}) && E % PW == 0 && dims_are(v_in.dimensions(), {B, S, K, D}) &&
+                  dims_are(s_qkv.dimensions(), {ns * Cq}) && dims_are(w_o.dimensions(), {E / PW, H * D, PW}) &&
+                  dims_are(s_o.dimensions(), {ns * E}) && dims_are(gu_d, {2 * F / PW, E, PW}) &&
+                  dims_are(s_gu.dimensions(), {ns * 2 * F}) && dims_are(w_d.dimensions(), {E / PW, F, PW}) &&
+                  dims_are(s_d.dimensions(), {ns * E}) && E % PW == 0 && dims_are(v_in.dimensions(), {B, S, K, D}) &&
                   dims_are(x_out->dimensions(), {B, E}) && dims_are(k_out->dimensions(), {B, S, K, D}) &&
                   dims_are(v_out->dimensions(), {B, S, K, D});
   if (!ok)
@@ -135,7 +151,7 @@ ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> posi
 
   // attention half: y = x + (attend(rope(norm(x) @ w_qkv)) @ w_o)
   for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * E, norm1.typed_data(), eps, E, xn + b * E);
-  matmul(pool, xn, w_qkv.typed_data(), s_qkv.typed_data(), qkv, B, E, Cq);
+  matmul(pool, xn, w_qkv, s_qkv, qkv, B, E, Cq);
   for (int64_t b = 0; b < B; ++b) {
     float* row = qkv + b * Cq;
     const float *cb = cos.typed_data() + b * R2, *sb = sin.typed_data() + b * R2;
@@ -148,14 +164,14 @@ ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> posi
     }
   }
   meshlm::attention::decode_attend(pool, B, S, K, H / K, D, q, kc, vc, pos, 1.f / std::sqrt(float(D)), o);
-  matmul(pool, o, w_o.typed_data(), s_o.typed_data(), t, B, HD, E);
+  matmul(pool, o, w_o, s_o, t, B, HD, E);
   for (int64_t i = 0; i < B * E; ++i) y[i] = xp[i] + t[i];
 
   // FFN half: y += (silu(norm(y) @ w_gate) * (norm(y) @ w_up)) @ w_d
   for (int64_t b = 0; b < B; ++b) rms_norm(y + b * E, norm2.typed_data(), eps, E, xn + b * E);
-  matmul(pool, xn, w_gu.typed_data(), s_gu.typed_data(), gu, B, E, 2 * F);
+  matmul(pool, xn, w_gu, s_gu, gu, B, E, 2 * F);
   for (int64_t b = 0; b < B; ++b) silu_mul(gu + b * 2 * F, gu + b * 2 * F + F, h + b * F, F);
-  matmul(pool, h, w_d.typed_data(), s_d.typed_data(), t, B, F, E);
+  matmul(pool, h, w_d, s_d, t, B, F, E);
   for (int64_t i = 0; i < B * E; ++i) y[i] += t[i];
   return meshlm::done_future();
 }
@@ -170,14 +186,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_decoder_layer, DecoderLayer,
                                   .Arg<F32>()                      // cos
                                   .Arg<F32>()                      // sin
                                   .Arg<F32>()                      // norm1
-                                  .Arg<S8>()                       // w_qkv
+                                  .Arg<W>()                        // w_qkv
                                   .Arg<F32>()                      // s_qkv
-                                  .Arg<S8>()                       // w_o
+                                  .Arg<W>()                        // w_o
                                   .Arg<F32>()                      // s_o
                                   .Arg<F32>()                      // norm2
-                                  .Arg<S8>()                       // w_gu
+                                  .Arg<W>()                        // w_gu
                                   .Arg<F32>()                      // s_gu
-                                  .Arg<S8>()                       // w_d
+                                  .Arg<W>()                        // w_d
                                   .Arg<F32>()                      // s_d
                                   .Arg<F32>()                      // k cache
                                   .Arg<F32>()                      // v cache

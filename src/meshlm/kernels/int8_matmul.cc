@@ -1,8 +1,9 @@
-// int8 weight-only matmuls for XLA:CPU, registered as XLA FFI custom calls (kernels: int8_matmul.h).
+// Weight-streaming matmuls for XLA:CPU, registered as XLA FFI custom calls (kernels: matmul.h).
 //
 //   meshlm_int8_matmul:   x f32 [M, R], q s8 [R, C] -> y f32 [M, C] = x @ q
 //   meshlm_int8_matmul_t: x f32 [M, R], q s8 [C, R] -> y f32 [M, C] = x @ q.T
 //   meshlm_int8_matmul_p: x f32 [M, R], q s8 [C / 64, R, 64] (panel-major) -> y f32 [M, C] = x @ q
+//   meshlm_f32_matmul_p:  the same for q f32 [C / 64, R, 64]
 //
 // Unscaled: the caller applies the per-column scale. Work is split over the XLA:CPU intra-op
 // thread pool (ffi_common.h: run_split).
@@ -12,7 +13,7 @@
 #include <string>
 
 #include "ffi_common.h"
-#include "int8_matmul.h"
+#include "matmul.h"
 
 namespace {
 
@@ -20,7 +21,7 @@ namespace ffi = xla::ffi;
 using meshlm::failed;
 using meshlm::run_split;
 using meshlm::shape_str;
-using namespace meshlm::int8;
+using namespace meshlm::matmul;
 
 enum class Layout { kRows, kTransposed, kPacked };
 
@@ -62,6 +63,26 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   }
 }
 
+// x f32 [M, R] @ q f32 [C / PW, R, PW] (packed) -> y [M, C].
+ffi::Future F32Packed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> q,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || qd.size() != 3 || yd.size() != 2 || qd[2] != PW || qd[1] != xd[1] || yd[0] != xd[0] ||
+      yd[1] != qd[0] * PW)
+    return failed(ffi::Error::InvalidArgument("f32 packed matmul shape mismatch: x " + shape_str(xd) + ", q " +
+                                              shape_str(qd) + ", y " + shape_str(yd)));
+  const int64_t M = xd[0], R = xd[1], C = yd[1];
+  const float *xp = x.typed_data(), *qp = q.typed_data();
+  float* yp = y->typed_data();
+  if (M == 0 || C == 0) return meshlm::done_future();
+  if (R == 0) {
+    std::fill(yp, yp + M * C, 0.f);
+    return meshlm::done_future();
+  }
+  return run_split(pool, C, PW, 4 * R * C,
+                   [=](int64_t lo, int64_t hi) { matmul_packed(xp, qp, nullptr, yp, M, R, C, lo, hi); });
+}
+
 template <Layout L>
 ffi::Future Handler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::ResultBuffer<ffi::F32> y) {
   return Int8Matmul(pool, x, q, y, L);
@@ -77,3 +98,6 @@ auto Binding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_int8_matmul, Handler<Layout::kRows>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_int8_matmul_t, Handler<Layout::kTransposed>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_int8_matmul_p, Handler<Layout::kPacked>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_f32_matmul_p, F32Packed,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<
+                                  ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());

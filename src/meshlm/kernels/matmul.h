@@ -1,9 +1,10 @@
-// int8 weight-only matmul kernels (f32 activations, f32 accumulation), shared by the FFI handlers
+// Weight-streaming matmul kernels (int8 weights, or f32 ones packed; f32 activations and
+// accumulation), shared by the FFI handlers
 // of int8_matmul.cc and the fused decoder layer (decoder_layer.cc).
 //
 //   matmul_cols:    y = x @ q        q s8 [R, C] row-major
 //   matmul_t_rows:  y = x @ q.T      q s8 [C, R] (the tied embedding as the output projection)
-//   matmul_packed:  y = x @ q        q s8 [C / PW, R, PW] panel-major (pack_panels in Python)
+//   matmul_packed:  y = x @ q        q s8 or f32 [C / PW, R, PW] panel-major (quant.pack_panels)
 //
 // Each reads the weight once from memory as int8 and widens it to f32 in registers; one row of x
 // FMAs straight from it, more rows widen each small block once into an L1 buffer that every
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "ffi_common.h"
@@ -26,7 +28,7 @@
 #define UNROLL _Pragma("GCC unroll 16")  // fixed-trip tile loops: keep accumulators in registers
 
 namespace meshlm {
-namespace int8 {
+namespace matmul {
 
 constexpr int MT = 4;    // rows of x per register tile
 constexpr int PW = 64;   // columns of q per panel: one cache line of int8
@@ -173,26 +175,29 @@ void panel_f32(const float* x, const float* buf, float* y, int64_t R, int64_t C,
     }
 }
 
-// One row of x against one packed panel w [R, PW] (contiguous): y[0:PW] = x @ w. A panel is one
-// sequential stream, which the hardware prefetcher follows with a software prefetch ahead of it
+// One row of x against one packed panel w [R, PW] (contiguous; int8 or f32): y[0:PW] = x @ w. A
+// panel is one sequential stream, which the hardware prefetcher follows with a software prefetch
+// ahead of it (16 rows)
 // (measured over SmolLM2's layer matrices on 2 threads: 3.3 vs 4.5 ms for the row-major q, whose
 // column chunks are strided). Two accumulator sets (even and odd rows): 8 independent FMA chains.
-inline void packed1(const float* x, const int8_t* w, float* y, int64_t R) {
+template <typename W>
+void packed1(const float* x, const W* w, float* y, int64_t R) {
+  constexpr int kRowBytes = PW * sizeof(W);  // a panel row: 1 (int8) or 4 (f32) cache lines
   __m512 a[2][4];
   UNROLL for (int i = 0; i < 2; ++i)
     UNROLL for (int j = 0; j < 4; ++j) a[i][j] = _mm512_setzero_ps();
   int64_t r = 0;
   for (; r + 2 <= R; r += 2, w += 2 * PW) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + kPackedPrefetchBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + kPackedPrefetchBytes + PW), _MM_HINT_T0);
+    const char* ahead = reinterpret_cast<const char*>(w) + kPackedPrefetchBytes * sizeof(W);
+    UNROLL for (int l = 0; l < 2 * kRowBytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
     UNROLL for (int i = 0; i < 2; ++i) {
       const __m512 xb = _mm512_set1_ps(x[r + i]);
-      UNROLL for (int j = 0; j < 4; ++j) a[i][j] = _mm512_fmadd_ps(xb, widen(w + i * PW + 16 * j), a[i][j]);
+      UNROLL for (int j = 0; j < 4; ++j) a[i][j] = _mm512_fmadd_ps(xb, load16(w + i * PW + 16 * j), a[i][j]);
     }
   }
   if (r < R) {
     const __m512 xb = _mm512_set1_ps(x[r]);
-    UNROLL for (int j = 0; j < 4; ++j) a[0][j] = _mm512_fmadd_ps(xb, widen(w + 16 * j), a[0][j]);
+    UNROLL for (int j = 0; j < 4; ++j) a[0][j] = _mm512_fmadd_ps(xb, load16(w + 16 * j), a[0][j]);
   }
   UNROLL for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + 16 * j, _mm512_add_ps(a[0][j], a[1][j]));
 }
@@ -246,7 +251,8 @@ void panel_f32(const float* x, const float* buf, float* y, int64_t R, int64_t C,
   for (int m = 0; m < NM; ++m) std::memcpy(y + m * C + c0, acc[m], w * sizeof(float));
 }
 
-inline void packed1(const float* x, const int8_t* w, float* y, int64_t R) {
+template <typename W>
+void packed1(const float* x, const W* w, float* y, int64_t R) {
   float acc[PW] = {};
   for (int64_t r = 0; r < R; ++r, w += PW)
     for (int c = 0; c < PW; ++c) acc[c] += x[r] * float(w[c]);
@@ -258,10 +264,22 @@ inline void packed1(const float* x, const int8_t* w, float* y, int64_t R) {
 // All M rows of x against the block q[r0:r1, c0:c0+w] (r1 - r0 <= RB), MT rows at a time; the
 // block's rows start at p, `stride` apart.
 template <bool FULL>
+void tiles(const float* x, const float* buf, float* y, int64_t M, int64_t R, int64_t C, int64_t r0, int64_t r1,
+           int64_t c0, int64_t w);
+
+template <bool FULL>
 void panels(const float* x, const int8_t* p, int64_t stride, float* y, int64_t M, int64_t R, int64_t C,
             int64_t r0, int64_t r1, int64_t c0, int64_t w) {
   alignas(64) float buf[RB * PW];
   widen_block<FULL>(p, stride, r1 - r0, w, buf);
+  tiles<FULL>(x, buf, y, M, R, C, r0, r1, c0, w);
+}
+
+// All M rows of x against an f32 block buf [r1 - r0, PW] (rows r0..r1 of columns c0..c0+w),
+// MT rows at a time; the first row block (r0 == 0) overwrites y, later ones accumulate.
+template <bool FULL>
+void tiles(const float* x, const float* buf, float* y, int64_t M, int64_t R, int64_t C, int64_t r0, int64_t r1,
+           int64_t c0, int64_t w) {
   int64_t m = 0;
   for (; m + MT <= M; m += MT) panel_f32<MT, FULL>(x + m * R, buf, y + m * C, R, C, r0, r1, c0, w);
   switch (M - m) {
@@ -338,18 +356,25 @@ inline void matmul_t_rows(const float* x, const int8_t* q, float* y, int64_t M, 
   }
 }
 
-// Columns [c_lo, c_hi) (multiples of PW) of y = x @ q for q packed panel-major [C / PW, R, PW]:
-// panel i holds columns [i PW, (i + 1) PW) of every row, contiguous. Then y *= s per column when
-// s is given (the int8 scales), while the columns are still in cache.
-inline void matmul_packed(const float* x, const int8_t* q, const float* s, float* y, int64_t M, int64_t R,
-                          int64_t C, int64_t c_lo, int64_t c_hi) {
+// Columns [c_lo, c_hi) (multiples of PW) of y = x @ q for q (int8 or f32) packed panel-major
+// [C / PW, R, PW]: panel i holds columns [i PW, (i + 1) PW) of every row, contiguous. More than
+// one row of x: RB rows of a panel at a time (int8 widened into L1 first), read by every tile of
+// MT rows of x. Then y *= s per column when s is given (the int8 scales), still in cache.
+template <typename W>
+void matmul_packed(const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R, int64_t C,
+                   int64_t c_lo, int64_t c_hi) {
   for (int64_t c0 = c_lo; c0 < c_hi; c0 += PW) {
-    const int8_t* panel = q + c0 * R;
+    const W* panel = q + c0 * R;
     if (M == 1) {
       packed1(x, panel, y + c0, R);
     } else {
-      for (int64_t r0 = 0; r0 < R; r0 += RB)
-        panels<true>(x, panel + r0 * PW, PW, y, M, R, C, r0, std::min<int64_t>(R, r0 + RB), c0, PW);
+      for (int64_t r0 = 0; r0 < R; r0 += RB) {
+        const int64_t r1 = std::min<int64_t>(R, r0 + RB);
+        if constexpr (std::is_same_v<W, float>)
+          tiles<true>(x, panel + r0 * PW, y, M, R, C, r0, r1, c0, PW);
+        else
+          panels<true>(x, panel + r0 * PW, PW, y, M, R, C, r0, r1, c0, PW);
+      }
     }
     if (s)
       for (int64_t m = 0; m < M; ++m)
@@ -357,5 +382,5 @@ inline void matmul_packed(const float* x, const int8_t* q, const float* s, float
   }
 }
 
-}  // namespace int8
+}  // namespace matmul
 }  // namespace meshlm
