@@ -23,9 +23,9 @@ ROW_BLOCK = 256
 # Up to the tie the kernel also spares what the XLA path costs after it: it converts each weight
 # to a fresh f32 temporary, and over a model (SmolLM2 prefill of 128 tokens: ~0.5 GB of them) that
 # churn made the next call on this VM up to 9x slower (benchmarks: decode after a 128-token prefill).
-# Packed weights (one device), SmolLM2 FFN pairs x 30 layers (benchmarks/packed_matmul.py): int8
-# 112 vs 141 ms (XLA on the unpacked weight) at M = 256, 223 vs 200 at 512; f32 99 vs 102 ms (XLA's
-# GEMM on a row-major copy) at 256, 218 vs 164 at 512 (188 through the unpacking transpose).
+# Packed weights (one device), SmolLM2 FFN pairs x 30 layers (benchmarks/packed_matmul.py, the
+# kernel vs XLA on the unpacked weight): int8 85 vs 145 ms at M = 256, 240 vs 286 at 512; f32 107
+# vs 144 at 256, 198 vs 207 at 512, 372 vs 328 at 1024; the same limit serves both.
 KERNEL_MAX_M = 256
 KERNEL_MAX_M_T = 16
 XLA_SCAN_MAX_M = 64  # the XLA path dequantizes per row block (in a scan) up to this many rows, else whole

@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "ffi_common.h"
@@ -202,6 +201,30 @@ void packed1(const float* x, const W* w, float* y, int64_t R) {
   UNROLL for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + 16 * j, _mm512_add_ps(a[0][j], a[1][j]));
 }
 
+// NM <= 4 rows of x against one packed panel w [R, PW] (contiguous): y[m, 0:PW] = x[m] @ w (y rows
+// C apart). Each row of the panel is loaded (int8: widened) once into registers and FMAd into all
+// NM rows: for a few rows (decode at batch 2-8) this streams like one row, where widening into an
+// L1 block first (panels) cost as much again (int8 batch-4 decode 2.5x batch 1).
+template <int NM, typename W>
+void packed_rows(const float* x, const W* w, float* y, int64_t R, int64_t C) {
+  constexpr int kRowBytes = PW * sizeof(W);
+  __m512 a[NM][4];
+  UNROLL for (int m = 0; m < NM; ++m)
+    UNROLL for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < R; ++r, w += PW) {
+    const char* ahead = reinterpret_cast<const char*>(w) + kPackedPrefetchBytes * sizeof(W);
+    UNROLL for (int l = 0; l < kRowBytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+    __m512 wv[4];
+    UNROLL for (int j = 0; j < 4; ++j) wv[j] = load16(w + 16 * j);
+    UNROLL for (int m = 0; m < NM; ++m) {
+      const __m512 xb = _mm512_set1_ps(x[m * R + r]);
+      UNROLL for (int j = 0; j < 4; ++j) a[m][j] = _mm512_fmadd_ps(xb, wv[j], a[m][j]);
+    }
+  }
+  UNROLL for (int m = 0; m < NM; ++m)
+    UNROLL for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + m * C + 16 * j, a[m][j]);
+}
+
 #else  // portable loops; GCC auto-vectorizes the inner column / row loops for the target ISA
 
 template <int NV, bool FULL>
@@ -259,27 +282,24 @@ void packed1(const float* x, const W* w, float* y, int64_t R) {
   std::memcpy(y, acc, sizeof(acc));
 }
 
+template <int NM, typename W>
+void packed_rows(const float* x, const W* w, float* y, int64_t R, int64_t C) {
+  float acc[NM][PW] = {};
+  for (int64_t r = 0; r < R; ++r, w += PW)
+    for (int m = 0; m < NM; ++m)
+      for (int c = 0; c < PW; ++c) acc[m][c] += x[m * R + r] * float(w[c]);
+  for (int m = 0; m < NM; ++m) std::memcpy(y + m * C, acc[m], sizeof(acc[m]));
+}
+
 #endif
 
 // All M rows of x against the block q[r0:r1, c0:c0+w] (r1 - r0 <= RB), MT rows at a time; the
 // block's rows start at p, `stride` apart.
 template <bool FULL>
-void tiles(const float* x, const float* buf, float* y, int64_t M, int64_t R, int64_t C, int64_t r0, int64_t r1,
-           int64_t c0, int64_t w);
-
-template <bool FULL>
 void panels(const float* x, const int8_t* p, int64_t stride, float* y, int64_t M, int64_t R, int64_t C,
             int64_t r0, int64_t r1, int64_t c0, int64_t w) {
   alignas(64) float buf[RB * PW];
   widen_block<FULL>(p, stride, r1 - r0, w, buf);
-  tiles<FULL>(x, buf, y, M, R, C, r0, r1, c0, w);
-}
-
-// All M rows of x against an f32 block buf [r1 - r0, PW] (rows r0..r1 of columns c0..c0+w),
-// MT rows at a time; the first row block (r0 == 0) overwrites y, later ones accumulate.
-template <bool FULL>
-void tiles(const float* x, const float* buf, float* y, int64_t M, int64_t R, int64_t C, int64_t r0, int64_t r1,
-           int64_t c0, int64_t w) {
   int64_t m = 0;
   for (; m + MT <= M; m += MT) panel_f32<MT, FULL>(x + m * R, buf, y + m * C, R, C, r0, r1, c0, w);
   switch (M - m) {
@@ -357,28 +377,27 @@ inline void matmul_t_rows(const float* x, const int8_t* q, float* y, int64_t M, 
 }
 
 // Columns [c_lo, c_hi) (multiples of PW) of y = x @ q for q (int8 or f32) packed panel-major
-// [C / PW, R, PW]: panel i holds columns [i PW, (i + 1) PW) of every row, contiguous. More than
-// one row of x: RB rows of a panel at a time (int8 widened into L1 first), read by every tile of
-// MT rows of x. Then y *= s per column when s is given (the int8 scales), still in cache.
+// [C / PW, R, PW]: panel i holds columns [i PW, (i + 1) PW) of every row, contiguous. Rows of x
+// 4 at a time, each panel row from registers (packed_rows); the panel (R x 64 int8 or f32) is
+// streamed from memory by the first 4 and from L2 by the rest. Widening blocks into L1 first and
+// tiling them (panels, as the row-major kernel does) was slower at every M measured, 2-256:
+// int8 8.5 vs 2.2 ms at M = 4, 112-142 vs 81 at 256 (benchmarks/packed_matmul.py). Then y *= s per column when s is given (the int8 scales), still in cache.
 template <typename W>
 void matmul_packed(const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R, int64_t C,
                    int64_t c_lo, int64_t c_hi) {
   for (int64_t c0 = c_lo; c0 < c_hi; c0 += PW) {
     const W* panel = q + c0 * R;
-    if (M == 1) {
-      packed1(x, panel, y + c0, R);
-    } else {
-      for (int64_t r0 = 0; r0 < R; r0 += RB) {
-        const int64_t r1 = std::min<int64_t>(R, r0 + RB);
-        if constexpr (std::is_same_v<W, float>)
-          tiles<true>(x, panel + r0 * PW, y, M, R, C, r0, r1, c0, PW);
-        else
-          panels<true>(x, panel + r0 * PW, PW, y, M, R, C, r0, r1, c0, PW);
-      }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) packed_rows<4>(x + m * R, panel, y + m * C + c0, R, C);
+    switch (M - m) {
+      case 1: packed1(x + m * R, panel, y + m * C + c0, R); break;
+      case 2: packed_rows<2>(x + m * R, panel, y + m * C + c0, R, C); break;
+      case 3: packed_rows<3>(x + m * R, panel, y + m * C + c0, R, C); break;
+      default: break;
     }
     if (s)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t c = c0; c < c0 + PW; ++c) y[m * C + c] *= s[c];
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t c = c0; c < c0 + PW; ++c) y[i * C + c] *= s[c];
   }
 }
 
