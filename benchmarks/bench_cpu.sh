@@ -1,5 +1,5 @@
 #!/bin/sh
-# Every measurement in docs/performance.md, in order (~35 minutes on the 2-core development host;
+# Every measurement in docs/performance.md, in order (~8-10 minutes on the 2-core development host;
 # the comparisons first, while the host is quietest). Writes benchmarks/results/bench_cpu_*.json,
 # the decode plot and the two comparisons' JSON.
 # MESHLM_HOME (default ~/.cache/meshlm) decides where the calibration goes and what bench reads.
