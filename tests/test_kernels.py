@@ -56,6 +56,8 @@ def test_packed_kernel_matches_float64_and_unpacks(M, R, C):
     _close(jax.jit(kernels.packed_matmul)(x, p), x.astype(np.float64) @ q)
     w = q.astype(np.float32) / 127  # f32 weights, packed the same way
     _close(jax.jit(kernels.packed_matmul)(x, quant.pack_panels(w)), x.astype(np.float64) @ w)
+    s = np.linspace(0.5, 2.0, C).astype(np.float32)  # per-column scales applied in the kernel
+    _close(jax.jit(kernels.packed_matmul)(x, p, s), (x.astype(np.float64) @ q) * s)
 
 
 @pytest.mark.parametrize("M", [1, quant.KERNEL_MAX_M, quant.KERNEL_MAX_M + 1])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from meshlm.errors import MeshlmError
-from meshlm.sampling import SamplingParams, argmax, batch_arrays, sample
+from meshlm.sampling import SamplingParams, argmax, batch_arrays, sample, xla_argmax
 
 PROBS = np.array([0.05, 0.4, 0.3, 0.15, 0.1], np.float32)  # argmax 1; sorted: 1, 2, 3, 4, 0
 _sample = jax.jit(sample)
@@ -35,6 +35,18 @@ def test_argmax_takes_the_first_of_tied_maxima_like_numpy():
     x[6, 17] = np.inf
     got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
     assert got.dtype == np.int32 and got.tolist() == np.argmax(x, -1).tolist()
+
+
+@pytest.mark.parametrize("fn", [argmax, xla_argmax], ids=["kernel", "xla"])
+def test_argmax_across_chunks_and_nan_rows(fn):
+    """Rows longer than the kernel's 4096-logit chunks: a tie across chunks takes the first; a row
+    with a NaN gives 0 (both paths)."""
+    x = np.random.RandomState(2).standard_normal((4, 9000)).astype(np.float32)
+    x[0, [5000, 8500]] = 50.0  # tie in chunks 1 and 2
+    x[1, 8999] = 50.0  # the very last logit
+    x[2, 100] = np.nan
+    got = np.asarray(jax.jit(fn)(jnp.asarray(x)))
+    assert got.tolist() == [5000, 8999, 0, int(np.argmax(x[3]))]
 
 
 def test_temperature_one_follows_the_distribution():

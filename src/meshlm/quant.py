@@ -79,20 +79,26 @@ def use_kernel(M: int, transposed: bool = False) -> bool:
     return M <= (KERNEL_MAX_M_T if transposed else KERNEL_MAX_M) and kernels.enabled()
 
 
-def dot_rows(x, w, dtype):
-    """x [M, R] @ w [R, C] with w int8 (unscaled) or float; result in `dtype` (f32 accumulate). A w
-    of rank 3 is packed panel-major ([C/64, R, 64], `pack_panels`; int8 or f32).
+def dot_rows(x, w, dtype, scale=None):
+    """x [M, R] @ w [R, C] with w int8 (unscaled) or float, times the per-column `scale` [C] when
+    given; result in `dtype` (f32 accumulate). A w of rank 3 is packed panel-major ([C/64, R, 64],
+    `pack_panels`; int8 or f32).
 
-    int8 and packed: the CPU kernel for small M on CPU, else the XLA path (`xla_dot_rows`)."""
+    int8 and packed: the CPU kernel for small M on CPU (packed: the scale applied inside it), else
+    the XLA path (`xla_dot_rows`)."""
     if w.ndim == 3:
         f32 = w.dtype != jnp.int8
 
-        def xla(x, w):
+        def xla(x, w, *s):
             w = unpack_panels(w)
-            return jnp.dot(x.astype(jnp.float32), w) if f32 else xla_dot_rows(x, w)
+            y = jnp.dot(x.astype(jnp.float32), w) if f32 else xla_dot_rows(x, w)
+            return y * s[0] if s else y
         if x.ndim == 2 and use_kernel(x.shape[0]):
-            return jax.lax.platform_dependent(x, w, cpu=kernels.packed_matmul, default=xla).astype(dtype)
-        return xla(x, w).astype(dtype)
+            args = (x, w) if scale is None else (x, w, scale)
+            return jax.lax.platform_dependent(*args, cpu=kernels.packed_matmul, default=xla).astype(dtype)
+        return (xla(x, w) if scale is None else xla(x, w, scale)).astype(dtype)
+    if scale is not None:
+        return (dot_rows(x, w, jnp.float32) * scale).astype(dtype)
     if w.dtype != jnp.int8:
         return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
     if x.ndim == 2 and use_kernel(x.shape[0]):

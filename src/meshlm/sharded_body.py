@@ -313,14 +313,15 @@ class Body:
         h = apply_norm(h, stats, self.E, params["final_norm"], cfg.norm == "rmsnorm", cfg.norm_eps)
         h = h.reshape(-1, self.E).astype(jnp.float32)
         w = params["lm_head"] if "lm_head" in params else params["embed"]
-        if is_packed(w):  # one device: [E, V] packed either way
-            out = dot_rows(h, w["p"], jnp.float32)
-        elif "lm_head" in params:
-            out = dot_rows(h, w["q"] if is_quantized(w) else w, jnp.float32)
-        else:  # tied: the embedding [V, E] read as stored (chunked over V when int8)
-            out = dot_t(h, w["q"] if is_quantized(w) else w, jnp.float32)
-        if is_quantized(w):
-            out = out * w["s"]
+        if is_packed(w):  # one device: [E, V] packed either way, the int8 scales applied in the kernel
+            out = dot_rows(h, w["p"], jnp.float32, scale=w.get("s"))
+        else:
+            if "lm_head" in params:
+                out = dot_rows(h, w["q"] if is_quantized(w) else w, jnp.float32)
+            else:  # tied: the embedding [V, E] read as stored (chunked over V when int8)
+                out = dot_t(h, w["q"] if is_quantized(w) else w, jnp.float32)
+            if is_quantized(w):
+                out = out * w["s"]
         if "lm_head_bias" in params:
             out = out + params["lm_head_bias"]
         out = out.reshape(nb * Bl, Lo, -1)

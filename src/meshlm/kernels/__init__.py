@@ -7,6 +7,8 @@
   each panel of 64 columns one contiguous stream, ~35% faster to stream than the row-major q.
 - `decode_attention(q, k, v, positions)`: one query position per sequence against the KV cache as
   stored, each cached row read once (decode_attention.cc); XLA:CPU's dots copy the cache transposed.
+- `argmax(x)`: greedy sampling's first index of each row's max, rows cut into chunks over the
+  threads (argmax.cc).
 - `decoder_layer(...)`: a whole Llama-style decode layer with packed weights on one device
   (decoder_layer.cc): one call instead of ~15 XLA fusions and 5 kernel calls per layer.
 
@@ -34,9 +36,9 @@ from meshlm.kernels.build import BuildError, build
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(f) for f in ("ffi_common.h", "matmul.h", "attention.h", "int8_matmul.cc",
-                                                   "decode_attention.cc", "decoder_layer.cc")]
+                                                   "decode_attention.cc", "decoder_layer.cc", "argmax.cc")]
 _TARGETS = ("meshlm_int8_matmul", "meshlm_int8_matmul_t", "meshlm_int8_matmul_p", "meshlm_f32_matmul_p",
-            "meshlm_decode_attention", "meshlm_decoder_layer")
+            "meshlm_decode_attention", "meshlm_decoder_layer", "meshlm_argmax")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive: XLA holds its pointers)
 
@@ -83,7 +85,7 @@ def reason() -> str:
 PANEL = 64  # columns per panel of a packed int8 weight (matmul.h: PW)
 
 
-def _call(name: str, x, q, layout: str):
+def _call(name: str, x, q, layout: str, s=None):
     dtypes = (jnp.int8,)
     if layout == "packed":
         R, C, ok = q.shape[1], q.shape[0] * PANEL, q.ndim == 3 and q.shape[2] == PANEL
@@ -95,16 +97,17 @@ def _call(name: str, x, q, layout: str):
         ok, want = q.ndim == 2, "x [M, R], q int8 [C, R]" if layout == "transposed" else "x [M, R], q int8 [R, C]"
     if x.ndim != 2 or not ok or x.shape[1] != R or q.dtype not in dtypes:
         raise ValueError(f"{name} wants {want}; got x {x.shape}, q {q.shape} {q.dtype}")
-    return _ffi(f"meshlm_{target}", [(x.shape[0], C)], x.astype(jnp.float32), q)[0]
+    args = (x.astype(jnp.float32), q) + ((jnp.zeros((0,), jnp.float32) if s is None else s),) * (layout == "packed")
+    return _ffi(f"meshlm_{target}", [(x.shape[0], C)], *args)[0]
 
 
-def _ffi(target: str, shapes, *args, aliases=None, **attrs):
-    """f32 results of `shapes` from the FFI target on `args` (attributes `attrs`; `aliases`: input
-    index -> result index updated in place), marked varying over every shard_map axis an input
-    varies over."""
+def _ffi(target: str, shapes, *args, aliases=None, dtype=jnp.float32, **attrs):
+    """Results of `shapes` (of `dtype`) from the FFI target on `args` (attributes `attrs`;
+    `aliases`: input index -> result index updated in place), marked varying over every shard_map
+    axis an input varies over."""
     if not available():
         raise RuntimeError(reason())
-    outs = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes], vmap_method="sequential",
+    outs = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct(s, dtype) for s in shapes], vmap_method="sequential",
                             input_output_aliases=aliases)(*args, **attrs)
     axes = _varying_axes(*args)
     return [jax.lax.pcast(o, axes, to="varying") for o in outs] if axes else list(outs)
@@ -131,10 +134,12 @@ def int8_matmul_t(x, q):
     return _call("int8_matmul_t", x, q, "transposed")
 
 
-def packed_matmul(x, p):
-    """f32 [M, C] = x [M, R] @ q for q [R, C] (int8 unscaled, or f32) packed as p [C/64, R, 64]
-    (meshlm.quant.pack_panels). CPU only."""
-    return _call("packed_matmul", x, p, "packed")
+def packed_matmul(x, p, s=None):
+    """f32 [M, C] = (x [M, R] @ q) * s for q [R, C] (int8 or f32) packed as p [C/64, R, 64]
+    (meshlm.quant.pack_panels) and per-column scales s [C] (None: unscaled). CPU only."""
+    if s is not None and s.shape != (p.shape[0] * PANEL,):
+        raise ValueError(f"packed_matmul wants s [{p.shape[0] * PANEL}]; got {s.shape}")
+    return _call("packed_matmul", x, p, "packed", None if s is None else s.astype(jnp.float32))
 
 
 def decode_attention(q, k, v, positions):
@@ -166,3 +171,10 @@ def decoder_layer(x, positions, cos, sin, w: dict, k, v, eps: float, rope_half: 
         raise ValueError(f"decoder_layer wants an f32 cache; got {k.dtype}")
     return tuple(_ffi("meshlm_decoder_layer", [x.shape, k.shape, v.shape], *args, aliases={14: 1, 15: 2},
                       eps=np.float32(eps), rope_half=np.int32(rope_half)))
+
+
+def argmax(x):
+    """int32 [B]: the first index of each row's max of x f32 [B, V]; 0 for a row with a NaN. CPU only."""
+    if x.ndim != 2:
+        raise ValueError(f"argmax wants x [B, V]; got {x.shape}")
+    return _ffi("meshlm_argmax", [x.shape[:1]], x.astype(jnp.float32), dtype=jnp.int32)[0]
