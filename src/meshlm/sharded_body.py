@@ -12,11 +12,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from meshlm import comm
+from meshlm import comm, kernels
 from meshlm.collectives import (ag_matmul, all_gather, all_to_all, gather_blocks, group_index, local_slice,
                                 matmul_rs, psum, reduce_scatter)
 from meshlm.layouts import Layout, parse_spec
-from meshlm import kernels
 from meshlm.model import act, apply_norm, attend_causal, attend_one, norm_stats, rope_table, rotary
 from meshlm.quant import KERNEL_MAX_M, dot_rows, dot_t, is_packed, is_quantized
 from meshlm.sharded_params import Geometry
