@@ -93,10 +93,10 @@ def dot_rows(x, w, dtype, scale=None):
             w = unpack_panels(w)
             y = jnp.dot(x.astype(jnp.float32), w) if f32 else xla_dot_rows(x, w)
             return y * s[0] if s else y
+        args = (x, w) if scale is None else (x, w, scale)
         if x.ndim == 2 and use_kernel(x.shape[0]):
-            args = (x, w) if scale is None else (x, w, scale)
             return jax.lax.platform_dependent(*args, cpu=kernels.packed_matmul, default=xla).astype(dtype)
-        return (xla(x, w) if scale is None else xla(x, w, scale)).astype(dtype)
+        return xla(*args).astype(dtype)
     if scale is not None:
         return (dot_rows(x, w, jnp.float32) * scale).astype(dtype)
     if w.dtype != jnp.int8:

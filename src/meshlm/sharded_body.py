@@ -185,11 +185,12 @@ class Body:
                 parts.append(gm[:, :, o:o + g].reshape(M, -1))
                 o += g
             mid = jnp.concatenate(parts, axis=-1)[:, None]
+        packed_out = is_packed(lw[f"{u.name}_out"])
         Wog, so = self.gather_out(lw[f"{u.name}_out"])
         mid = mid.reshape(M, -1)
 
         def out_mm(c):
-            if Wog.ndim == 3:  # packed, one device: all E columns
+            if packed_out:  # one device: all E columns
                 Ec, cols = self.E, Wog
             else:
                 Ec = self.E_r if (self.cm and self.ag) else Wog.shape[-1]

@@ -169,8 +169,9 @@ def per_layer(tree, specs) -> tuple[dict, dict]:
 def pack_layers(tree, specs, geo: Geometry) -> tuple[dict, dict]:
     """One device's unit matrices and output projection packed panel-major (meshlm.quant.pack_panels)
     where their columns allow: int8 {"q": [R, C], "s"} -> {"p": [C/64, R, 64], "s"}, f32 [R, C] ->
-    {"p": [C/64, R, 64]}, the layout the CPU kernels stream fastest (meshlm.kernels). Per-layer trees (after per_layer); nothing is gathered on one
-    device, so no other code reads the row-major form. A parallel block with two norms keeps its
+    {"p": [C/64, R, 64]}, the layout the CPU kernels stream fastest (meshlm.kernels). Per-layer
+    trees (after per_layer); nothing is gathered on one device, so no other code reads the
+    row-major form. A parallel block with two norms keeps its
     input matrix row-major: its norm groups split the columns at any offset."""
     assert geo.mesh.n == 1, "packed weights are for one device"
     names = [f"{u.name}_out" for u in geo.units]
@@ -202,7 +203,7 @@ def _packed(w, spec, orient):
     q = orient(q)
     if not packable(q):
         return w, spec
-    return {"p": pack_panels(np.ascontiguousarray(q)), **extra}, {"p": P(), **({"s": spec["s"]} if extra else {})}
+    return {"p": pack_panels(q), **extra}, {"p": P(), **({"s": spec["s"]} if extra else {})}
 
 
 def build_stored(params, geo: Geometry, weights: str, storage: str) -> dict:

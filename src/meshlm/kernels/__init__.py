@@ -82,23 +82,15 @@ def reason() -> str:
     return _state["reason"]
 
 
-PANEL = 64  # columns per panel of a packed int8 weight (matmul.h: PW)
+PANEL = 64  # columns per panel of a packed weight (matmul.h: PW)
 
 
-def _call(name: str, x, q, layout: str, s=None):
-    dtypes = (jnp.int8,)
-    if layout == "packed":
-        R, C, ok = q.shape[1], q.shape[0] * PANEL, q.ndim == 3 and q.shape[2] == PANEL
-        want, dtypes = f"x [M, R], q int8 or f32 [C/{PANEL}, R, {PANEL}]", (jnp.int8, jnp.float32)
-        target = "int8_matmul_p" if q.dtype == jnp.int8 else "f32_matmul_p"
-    else:
-        target = name
-        R, C = q.shape[::-1] if layout == "transposed" else q.shape
-        ok, want = q.ndim == 2, "x [M, R], q int8 [C, R]" if layout == "transposed" else "x [M, R], q int8 [R, C]"
-    if x.ndim != 2 or not ok or x.shape[1] != R or q.dtype not in dtypes:
-        raise ValueError(f"{name} wants {want}; got x {x.shape}, q {q.shape} {q.dtype}")
-    args = (x.astype(jnp.float32), q) + ((jnp.zeros((0,), jnp.float32) if s is None else s),) * (layout == "packed")
-    return _ffi(f"meshlm_{target}", [(x.shape[0], C)], *args)[0]
+def _matmul(target: str, x, q, R: int, C: int, ok: bool, want: str, *extra):
+    """f32 [M, C] from the matmul FFI target on x [M, R], q (and `extra` inputs), after checking
+    the shapes (`ok`; `want` says what is expected)."""
+    if x.ndim != 2 or not ok or x.shape[1] != R:
+        raise ValueError(f"{target} wants {want}; got x {x.shape}, q {q.shape} {q.dtype}")
+    return _ffi(f"meshlm_{target}", [(x.shape[0], C)], x.astype(jnp.float32), q, *extra)[0]
 
 
 def _ffi(target: str, shapes, *args, aliases=None, dtype=jnp.float32, **attrs):
@@ -126,20 +118,26 @@ def _varying_axes(*arrays) -> tuple:
 
 def int8_matmul(x, q):
     """f32 [M, C] = x [M, R] @ q [R, C] (q int8, unscaled). CPU only."""
-    return _call("int8_matmul", x, q, "rows")
+    ok = q.ndim == 2 and q.dtype == jnp.int8
+    return _matmul("int8_matmul", x, q, q.shape[0], q.shape[-1], ok, "x [M, R], q int8 [R, C]")
 
 
 def int8_matmul_t(x, q):
     """f32 [M, C] = x [M, R] @ q.T for q int8 [C, R] (unscaled). CPU only."""
-    return _call("int8_matmul_t", x, q, "transposed")
+    ok = q.ndim == 2 and q.dtype == jnp.int8
+    return _matmul("int8_matmul_t", x, q, q.shape[-1], q.shape[0], ok, "x [M, R], q int8 [C, R]")
 
 
 def packed_matmul(x, p, s=None):
     """f32 [M, C] = (x [M, R] @ q) * s for q [R, C] (int8 or f32) packed as p [C/64, R, 64]
     (meshlm.quant.pack_panels) and per-column scales s [C] (None: unscaled). CPU only."""
-    if s is not None and s.shape != (p.shape[0] * PANEL,):
-        raise ValueError(f"packed_matmul wants s [{p.shape[0] * PANEL}]; got {s.shape}")
-    return _call("packed_matmul", x, p, "packed", None if s is None else s.astype(jnp.float32))
+    C = p.shape[0] * PANEL
+    if s is not None and s.shape != (C,):
+        raise ValueError(f"packed_matmul wants s [{C}]; got {s.shape}")
+    ok = p.ndim == 3 and p.shape[2] == PANEL and p.dtype in (jnp.int8, jnp.float32)
+    target = "int8_matmul_p" if p.dtype == jnp.int8 else "f32_matmul_p"
+    s = jnp.zeros((0,), jnp.float32) if s is None else s.astype(jnp.float32)
+    return _matmul(target, x, p, p.shape[1], C, ok, f"x [M, R], packed p int8 or f32 [C/{PANEL}, R, {PANEL}]", s)
 
 
 def decode_attention(q, k, v, positions):

@@ -39,7 +39,7 @@ namespace ffi = xla::ffi;
 using meshlm::failed;
 using meshlm::run_split;
 using meshlm::shape_str;
-using meshlm::matmul::matmul_packed;
+using meshlm::matmul::packed_split;
 using meshlm::matmul::PW;
 
 using F32 = ffi::Buffer<ffi::F32>;
@@ -88,14 +88,10 @@ void silu_mul(const float* g, const float* u, float* h, int64_t n) {
 // none), columns split over the pool.
 void matmul(ffi::ThreadPool& pool, const float* x, const ffi::AnyBuffer& w, F32& s, float* y, int64_t M, int64_t R,
             int64_t C) {
-  if (w.element_type() == ffi::DataType::S8) {
-    const int8_t* q = static_cast<const int8_t*>(w.untyped_data());
-    const float* sp = s.typed_data();
-    run_split(pool, C, PW, R * C, [=](int64_t lo, int64_t hi) { matmul_packed(x, q, sp, y, M, R, C, lo, hi); });
-  } else {
-    const float* q = static_cast<const float*>(w.untyped_data());
-    run_split(pool, C, PW, 4 * R * C, [=](int64_t lo, int64_t hi) { matmul_packed(x, q, nullptr, y, M, R, C, lo, hi); });
-  }
+  if (w.element_type() == ffi::DataType::S8)
+    packed_split(pool, x, static_cast<const int8_t*>(w.untyped_data()), s.typed_data(), y, M, R, C);
+  else
+    packed_split(pool, x, static_cast<const float*>(w.untyped_data()), nullptr, y, M, R, C);
 }
 
 // fn(b) for rows b < B, split over the pool when the rows' `bytes` are worth it (run_split runs

@@ -26,6 +26,13 @@ using namespace meshlm::matmul;
 
 enum class Layout { kRows, kTransposed };
 
+// An empty product: nothing to do (M or C is 0) or y = 0 (R is 0). True when it was one.
+bool empty_product(int64_t M, int64_t R, int64_t C, float* y) {
+  if (M != 0 && C != 0 && R != 0) return false;
+  if (M != 0 && C != 0) std::fill(y, y + M * C, 0.f);
+  return true;
+}
+
 ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                        ffi::ResultBuffer<ffi::F32> y, Layout layout) {
   auto xd = x.dimensions(), qd = q.dimensions(), yd = y->dimensions();
@@ -43,11 +50,7 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* xp = x.typed_data();
   const int8_t* qp = q.typed_data();
   float* yp = y->typed_data();
-  if (M == 0 || C == 0) return meshlm::done_future();
-  if (R == 0) {
-    std::fill(yp, yp + M * C, 0.f);
-    return meshlm::done_future();
-  }
+  if (empty_product(M, R, C, yp)) return meshlm::done_future();
   switch (layout) {
     case Layout::kTransposed:
       return run_split(pool, C, 2 * CT, R * C,
@@ -71,13 +74,8 @@ ffi::Future Packed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T>
   const float *xp = x.typed_data(), *sp = sd[0] ? s.typed_data() : nullptr;
   const auto* qp = q.typed_data();
   float* yp = y->typed_data();
-  if (M == 0 || C == 0) return meshlm::done_future();
-  if (R == 0) {
-    std::fill(yp, yp + M * C, 0.f);
-    return meshlm::done_future();
-  }
-  return run_split(pool, C, PW, R * C * int64_t(sizeof(*qp)),
-                   [=](int64_t lo, int64_t hi) { matmul_packed(xp, qp, sp, yp, M, R, C, lo, hi); });
+  if (!empty_product(M, R, C, yp)) packed_split(pool, xp, qp, sp, yp, M, R, C);
+  return meshlm::done_future();
 }
 
 constexpr auto PackedS8 = Packed<ffi::DataType::S8>;

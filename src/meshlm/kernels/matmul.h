@@ -401,5 +401,13 @@ void matmul_packed(const float* x, const W* q, const float* s, float* y, int64_t
   }
 }
 
+// y = x @ q (* s) with the columns split over the pool's threads (ffi_common.h: run_split).
+template <typename W>
+void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R,
+                  int64_t C) {
+  run_split(pool, C, PW, R * C * int64_t(sizeof(W)),
+            [=](int64_t lo, int64_t hi) { matmul_packed(x, q, s, y, M, R, C, lo, hi); });
+}
+
 }  // namespace matmul
 }  // namespace meshlm
