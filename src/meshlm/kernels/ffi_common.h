@@ -134,7 +134,8 @@ class Board {
 // continuation stays on the caller's thread. Nothing ever waits for a pool thread to be scheduled,
 // so simulated devices sharing the pool cannot deadlock.
 template <typename Body>
-ffi::Future run_split(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t bytes, Body body) {
+ffi::Future run_split(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t bytes, Body body,
+                      int64_t chunks_per_thread = kChunksPerThread) {
   const int64_t units = (C + align - 1) / align;
   const int64_t threads = std::min({std::max<int64_t>(1, pool.num_threads()), units,
                                     std::max<int64_t>(1, bytes / kMinBytesPerTask)});
@@ -143,7 +144,7 @@ ffi::Future run_split(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t b
     return done_future();
   }
   auto job = std::make_shared<Job>();
-  job->chunks = std::min(units, threads * kChunksPerThread);
+  job->chunks = std::min(units, threads * chunks_per_thread);
   const int64_t chunks = job->chunks;
   job->chunk = [&body, C, align, units, chunks](int64_t i) {
     body(std::min(C, units * i / chunks * align), std::min(C, units * (i + 1) / chunks * align));
