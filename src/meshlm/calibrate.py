@@ -136,7 +136,9 @@ def measure_mem_bw(mesh, n: int, mib_per_device: int) -> float:
     else:
         w = _put(mesh, jnp.asarray(w))
         f = _per_device(mesh, lambda w, v: v @ w, w, v)
-    return rows * cols * 4 / _time(f, w, v)
+    # 21 passes (~0.1 s of streaming), not 7: one slow moment of this VM moved the median of 7 by
+    # 20-40% between calibrations minutes apart
+    return rows * cols * 4 / _time(f, w, v, repeats=21)
 
 
 def measure_collectives(mesh, n: int, sizes_bytes: list[int]) -> tuple[float, float, list]:
