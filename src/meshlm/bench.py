@@ -8,7 +8,10 @@ step, and put the cost model's prediction for exactly the shapes that ran beside
 Timing rules: every configuration is run once first (compiles the prefill bucket and the decode
 step; reported separately as `first_run_s`/`compile_s`), then timed. TTFT is the median over
 `repeats` prefills of the whole batch (the first token ids are on the host when the clock stops).
-Each decode step is timed alone (ids on the host) and reported as p50/p90/p99. MFU counts the
+Each decode step is timed alone (ids on the host) and reported as p50/p90/p99. Python's garbage
+collector runs before the timed runs and is paused during them (as `timeit` does): a deployment is
+freed only by a collection (it holds reference cycles), and collecting the previous
+configuration's took ~160 ms inside whichever prefill or step triggered it. MFU counts the
 unpadded model FLOPs (2 N per token, the paper's definition); MBU counts the bytes one decode
 step must read per device (stored weights, times the weight-gather group, plus the whole KV cache
 the step attends over) against the chip's memory bandwidth.
@@ -16,6 +19,7 @@ the step attends over) against the chip's memory bandwidth.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -92,14 +96,21 @@ def measure(d, c: Config, repeats: int = 3, prompt_ids: list[list[int]] | None =
     if eng.slots < c.batch:
         raise MeshlmError(f"engine has {eng.slots} slots, config needs {c.batch}")
     ps = prompt_ids or prompts(c.batch, c.input_len, d.model.cfg.vocab)
-    t = time.perf_counter()
-    first_ttft, first_steps = run_once(eng, ps, min(2, c.gen_len))
-    first = time.perf_counter() - t
-    ttfts, steps = [], []
-    for r in range(repeats):
-        ttft, st = run_once(eng, ps, c.gen_len if r == 0 else 0)
-        ttfts.append(ttft)
-        steps += st
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t = time.perf_counter()
+        first_ttft, first_steps = run_once(eng, ps, min(2, c.gen_len))
+        first = time.perf_counter() - t
+        ttfts, steps = [], []
+        for r in range(repeats):
+            ttft, st = run_once(eng, ps, c.gen_len if r == 0 else 0)
+            ttfts.append(ttft)
+            steps += st
+    finally:
+        if was_enabled:
+            gc.enable()
     ttft = statistics.median(ttfts)
     p50 = percentile(steps, 50)
     return {"ttft_s": ttft, "decode_p50_s": p50, "decode_p90_s": percentile(steps, 90),
@@ -213,6 +224,7 @@ def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repea
         if on_row:
             on_row(rows)
         del d
+        gc.collect()  # the deployment is freed here, not in the next one's measurement
     return rows
 
 
