@@ -405,8 +405,8 @@ void matmul_packed(const float* x, const W* q, const float* s, float* y, int64_t
 // rows of x (memory-bound) take one contiguous range of panels per thread: consecutive panels are
 // adjacent in memory, so each thread reads one stream. Claimed a panel or two at a time (4 chunks
 // per thread), the two threads' reads interleaved and every panel started a new stream: a batch-1
-// int8 decode layer took 156 vs 124 us (median of ~600 calls, one process each), a step 4.9-5.1
-// vs 4.4-4.5 ms (best of 15 x 20 steps). More rows are compute-bound: smaller chunks balance a
+// int8 decode layer took 156 vs 124 us (median of ~600 calls, one process each), a step 4.7-5.1
+// vs 4.2-4.5 ms (best of 15 x 20 steps). More rows are compute-bound: smaller chunks balance a
 // helper that joins late.
 template <typename W>
 void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R,
