@@ -76,6 +76,17 @@ def test_prediction_is_the_cost_model_for_what_ran(model_dir):
     assert bench.decode_bytes_per_device(d2) - bench.decode_bytes_per_device(d) == pytest.approx(kv(d2) - kv(d))
 
 
+def test_short_prefills_are_timed_more_often(model_dir, monkeypatch):
+    host = bench.load_host(str(model_dir))
+    c = bench.Config("ws2d/heads:ws2d/heads", None, 1, 5, 2)
+    d = bench.deploy_config(host, c)
+    monkeypatch.setattr(bench, "TTFT_BUDGET_S", 1e-9)  # every prefill "long": the minimum
+    assert bench.measure(d, c, repeats=2)["ttft_repeats"] == 2
+    monkeypatch.setattr(bench, "TTFT_BUDGET_S", 1e9)  # every prefill "short": the cap
+    m = bench.measure(d, c, repeats=2)
+    assert m["ttft_repeats"] == bench.TTFT_MAX_REPEATS and m["ttft_s"] > 0
+
+
 @pytest.mark.parametrize("args, msg", [(["--quantize", "int4"], "--quantize"),
                                        (["--layouts", "ws2d/heads"], "PREFILL:DECODE")])
 def test_bad_input_is_one_line(model_dir, capsys, args, msg):

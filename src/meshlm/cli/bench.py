@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="comma-separated layout pairs: planner or PREFILL:DECODE (e.g. wg-xyz/heads:ws2d/batch)")
     p.add_argument("--devices", type=positive_int, help="devices to use; on a CPU-only host, simulate N devices")
     p.add_argument("--mesh", help="mesh XxYxZ (default: the planner's choice)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="prefills timed per configuration (median)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="prefills timed per configuration, at least (median; short ones up to 9 within ~1 s)")
     p.add_argument("--json", dest="json_out", help="write every row (and the error summary) to this JSON file")
     p.add_argument("--plot", help="write decode tokens/s vs batch, measured and predicted, to this PNG")
     p.set_defaults(func=run)
