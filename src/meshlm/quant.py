@@ -4,7 +4,7 @@ the paper, §3.6): the matmul runs in f32 (CPU) or the activation dtype.
 
 On CPU, `dot_rows` / `dot_t` call a hand-written kernel (meshlm.kernels: reads each int8 weight
 once, widens it in registers, f32 FMAs, both cores) when it is available and the number of
-activation rows M is at most KERNEL_MAX_M (KERNEL_MAX_M_T for dot_t); otherwise, and on every other
+activation rows M is at most KERNEL_MAX_M (KERNEL_MAX_M_T for dot_t; packed int8 at any M); otherwise, and on every other
 platform, the XLA path: dequantize one block of ~256 rows at a time inside lax.scan and dot in f32,
 so the whole weight is never converted at once. Either way the per-channel scale is applied by the caller to the output."""
 
@@ -24,8 +24,11 @@ ROW_BLOCK = 256
 # to a fresh f32 temporary, and over a model (SmolLM2 prefill of 128 tokens: ~0.5 GB of them) that
 # churn made the next call on this VM up to 9x slower (benchmarks: decode after a 128-token prefill).
 # Packed weights (one device), SmolLM2 FFN pairs x 30 layers (benchmarks/packed_matmul.py, the
-# kernel vs XLA on the unpacked weight): int8 85 vs 145 ms at M = 256, 240 vs 286 at 512; f32 107
-# vs 144 at 256, 198 vs 207 at 512, 372 vs 328 at 1024; the same limit serves both.
+# kernel vs XLA on the unpacked weight): f32 107 vs 144 ms at M = 256, 198 vs 207 at 512, 372 vs
+# 328 at 1024, so packed f32 keeps this limit. Packed int8 has none: the kernel won at every M
+# measured, 85 vs 145 ms at 256, 240 vs 286 at 512, and again on 2026-11-22 (12 layers) 69 vs 90 at
+# 512, 128 vs 150 at 1024, 234 vs 281 at 2048; above the limit int8 prefills (1 x 1024 is M = 1024)
+# had taken XLA's path and its f32 copy of every weight.
 KERNEL_MAX_M = 256
 KERNEL_MAX_M_T = 16
 XLA_SCAN_MAX_M = 64  # the XLA path dequantizes per row block (in a scan) up to this many rows, else whole
@@ -73,10 +76,10 @@ def row_block(R: int) -> int | None:
     return _divisor(R, ROW_BLOCK // 2, ROW_BLOCK)
 
 
-def use_kernel(M: int, transposed: bool = False) -> bool:
+def use_kernel(M: int, transposed: bool = False, packed_int8: bool = False) -> bool:
     """Whether a dot with M activation rows goes to the CPU kernel (on CPU): int8 or packed x @ q,
-    or int8 x @ q.T when transposed."""
-    return M <= (KERNEL_MAX_M_T if transposed else KERNEL_MAX_M) and kernels.enabled()
+    or int8 x @ q.T when transposed; packed int8 at any M."""
+    return (packed_int8 or M <= (KERNEL_MAX_M_T if transposed else KERNEL_MAX_M)) and kernels.enabled()
 
 
 def dot_rows(x, w, dtype, scale=None):
@@ -84,8 +87,8 @@ def dot_rows(x, w, dtype, scale=None):
     given; result in `dtype` (f32 accumulate). A w of rank 3 is packed panel-major ([C/64, R, 64],
     `pack_panels`; int8 or f32).
 
-    int8 and packed: the CPU kernel for small M on CPU (packed: the scale applied inside it), else
-    the XLA path (`xla_dot_rows`)."""
+    int8 and packed: the CPU kernel for small M on CPU (packed int8 at any M; packed: the scale
+    applied inside it), else the XLA path (`xla_dot_rows`)."""
     if w.ndim == 3:
         f32 = w.dtype != jnp.int8
 
@@ -94,7 +97,7 @@ def dot_rows(x, w, dtype, scale=None):
             y = jnp.dot(x.astype(jnp.float32), w) if f32 else xla_dot_rows(x, w)
             return y * s[0] if s else y
         args = (x, w) if scale is None else (x, w, scale)
-        if x.ndim == 2 and use_kernel(x.shape[0]):
+        if x.ndim == 2 and use_kernel(x.shape[0], packed_int8=not f32):
             return jax.lax.platform_dependent(*args, cpu=kernels.packed_matmul, default=xla).astype(dtype)
         return xla(*args).astype(dtype)
     if scale is not None:
