@@ -45,6 +45,7 @@ def test_cli_writes_a_loadable_spec(tmp_path, capsys):
     assert chip.matmul_rate("int8", 8) == pytest.approx(spec["matmul_curve"]["int8"][1][1], rel=1e-12)
     per_phase = ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s")
     assert all(set(spec[f]) == {"prefill", "decode"} for f in per_phase)
+    assert set(spec["act_elem_s"]) == {"prefill"} and spec["act_elem_s"]["prefill"] >= 0
     assert min([spec["logit_elem_s"], *(v for f in per_phase for v in spec[f].values())]) >= 0
 
 
@@ -96,13 +97,13 @@ def test_fit_recovers_overheads_and_keeps_them_non_negative():
     from meshlm.calibrate import OVERHEAD_TERMS, fit_overheads, overhead_fields
 
     rng = np.random.default_rng(1)
-    truth = np.array([0.03, 2e-4, 1e-4, 3e-5, 5e-9])
+    truth = np.array([0.03, 2e-4, 1e-4, 3e-5, 5e-9, 8e-10])
     samples = []
     for _ in range(24):
         phase = rng.integers(2)
-        Y, BV = rng.choice([2, 8]), rng.choice([512, 262144])
+        Y, BV, elems = rng.choice([2, 8]), rng.choice([512, 262144]), rng.choice([1e4, 3e6])
         p, d = 1 - phase, phase
-        reg = [p, p * Y, d, d * Y, BV]
+        reg = [p, p * Y, d, d * Y, BV, p * Y * elems]
         base = rng.uniform(1e-4, 1e-2)
         samples.append({"measured_s": base + float(np.dot(reg, truth)), "base_s": base, "regressors": reg})
     fit = fit_overheads(samples)

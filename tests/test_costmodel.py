@@ -208,13 +208,17 @@ def test_overheads_and_scores_add_to_the_pass():
     cfg = preset("palm-62b")
     terms = dict(pass_overhead_s=(("prefill", 0.03), ("decode", 0.002)),
                  layer_overhead_s=(("prefill", 1e-4), ("decode", 2e-5)), logit_elem_s=1e-9,
-                 score_elem_s=(("prefill", 5e-9), ("decode", 7e-9)), kv_elem_s=(("prefill", 2e-10), ("decode", 3e-10)))
+                 score_elem_s=(("prefill", 5e-9), ("decode", 7e-9)), kv_elem_s=(("prefill", 2e-10), ("decode", 3e-10)),
+                 act_elem_s=(("prefill", 8e-10),))
     plain, chip = calibrated(), calibrated(**terms)
     lay = Layout("ws2d", "heads", "f32", ONE)
     Y, V, H = cfg.n_layers, cfg.vocab, cfg.n_heads
     B, L = 2, 128
     pre = [estimate(cfg, c, lay, "prefill", B, L, 1) for c in (plain, chip)]
-    over = 0.03 + Y * 1e-4 + 1e-9 * B * V
+    E, F, D, K = cfg.d_model, cfg.d_ff, cfg.d_head, cfg.n_kv_heads
+    # activations a layer writes per token: norm in, q|k|v, attention out, residual + norm, gate|up, h, residual
+    act = B * L * Y * (E + (H + 2 * K) * D + H * D + 2 * E + 3 * F + E)
+    over = 0.03 + Y * 1e-4 + 1e-9 * B * V + 8e-10 * act  # decode has no activation term
     score = 5e-9 * B * L * L * H * Y
     kv_elems = lambda S: 2 * Y * B * S * cfg.n_kv_heads * cfg.d_head  # K and V, f32 (act_bytes 4)
     assert pre[1].breakdown["overhead"] == pytest.approx(over, rel=1e-12)

@@ -18,7 +18,9 @@ simulated devices share the cores, so a per-device number measured alone would o
 - the engine's fixed costs (`calibrate_engine`): tiny models (d_model 64) of 2 and 8 layers, two
   vocabularies, short and long prompts, run through the real engine (prefill, decode steps); what
   the cost model (with the measured attention terms) does not explain of their times is fitted,
-  per phase, as a per-pass intercept and a per-layer slope, plus seconds per sampled logit (B x V).
+  per phase, as a per-pass intercept and a per-layer slope, plus seconds per sampled logit (B x V)
+  and, for prefill, seconds per activation element a layer writes between its matmuls
+  (costmodel.layer_act_elems: norms, RoPE, the attention's reshapes, residuals).
   (Fitting the attention terms on these tiny models too extrapolated badly: 8 ns per decode score
   where the engine's decode attention reads the cache at the memory bandwidth.)
 
@@ -377,24 +379,29 @@ def _device_memory() -> float:
 
 
 # ---- the engine's fixed costs ----------------------------------------------------------------------
-# (n_layers, vocab, batch, prompt length, KV heads) of the tiny models timed through the engine:
-# two depths (per-layer slope), two vocabularies and batches (sampling over B x V), short and long
-# prompts. d_model 64 keeps every weight in cache, so what the cost model (with the attention terms
-# measured directly, measure_attention) does not explain is the engine's fixed cost per pass, per
-# layer and per sampled logit.
-ENGINE_RUNS = ((2, 512, 1, 16, 2), (8, 512, 1, 16, 2), (2, 32768, 1, 16, 2), (2, 32768, 8, 16, 2),
-               (2, 512, 4, 1024, 2), (8, 512, 2, 1024, 2), (2, 512, 4, 1024, 4))
-ENGINE_RUNS_QUICK = ((2, 512, 1, 16, 2), (8, 512, 1, 16, 2), (2, 4096, 4, 128, 2))
+# (n_layers, vocab, batch, prompt length, KV heads, d_model) of the tiny models timed through the
+# engine: two depths (per-layer slope), two vocabularies and batches (sampling over B x V), short and
+# long prompts. d_model 64 keeps every weight in cache, so what the cost model (with the attention
+# terms measured directly, measure_attention) does not explain is the engine's fixed cost per pass,
+# per layer and per sampled logit. The last is as wide as a small LLM (d_model 512, 8 heads): its
+# 512 short-prompt tokens make a prefill's activation elements a large part of its time. (Fitted on
+# 4096 tokens of d_model 64, that term came out at 1.6-2.1 ns, against the ~0.7-1.6 ns SmolLM2's
+# short prefills left unexplained: narrow rows cost more per element.)
+ENGINE_RUNS = ((2, 512, 1, 16, 2, 64), (8, 512, 1, 16, 2, 64), (2, 32768, 1, 16, 2, 64), (2, 32768, 8, 16, 2, 64),
+               (2, 512, 4, 1024, 2, 64), (8, 512, 2, 1024, 2, 64), (2, 512, 4, 1024, 4, 64),
+               (2, 512, 16, 32, 2, 512))
+ENGINE_RUNS_QUICK = ((2, 512, 1, 16, 2, 64), (8, 512, 1, 16, 2, 64), (2, 4096, 4, 128, 2, 64))
 # (field, phase) of every fitted coefficient: a unit value of each gives its regressor
 OVERHEAD_TERMS = (("pass_overhead_s", "prefill"), ("layer_overhead_s", "prefill"), ("pass_overhead_s", "decode"),
-                  ("layer_overhead_s", "decode"), ("logit_elem_s", None))
+                  ("layer_overhead_s", "decode"), ("logit_elem_s", None), ("act_elem_s", "prefill"))
 
 
-def tiny_config(n_layers: int, vocab: int, max_len: int, n_kv_heads: int = 2):
+def tiny_config(n_layers: int, vocab: int, max_len: int, n_kv_heads: int = 2, d_model: int = 64):
     from meshlm.config import ModelConfig
 
-    return ModelConfig(name=f"calibration-{n_layers}x{vocab}", n_layers=n_layers, d_model=64, d_ff=128, n_heads=4,
-                       n_kv_heads=n_kv_heads, d_head=64, vocab=vocab, max_seq_len=max_len)
+    return ModelConfig(name=f"calibration-{n_layers}x{vocab}x{d_model}", n_layers=n_layers, d_model=d_model,
+                       d_ff=2 * d_model, n_heads=max(4, d_model // 64), n_kv_heads=n_kv_heads, d_head=64, vocab=vocab,
+                       max_seq_len=max_len)
 
 
 def _with_terms(chip, values: dict):
@@ -402,7 +409,7 @@ def _with_terms(chip, values: dict):
     fixed costs (its measured attention terms are kept)."""
     import dataclasses
 
-    fields = {"pass_overhead_s": (), "layer_overhead_s": (), "logit_elem_s": 0.0}
+    fields = {"pass_overhead_s": (), "layer_overhead_s": (), "act_elem_s": (), "logit_elem_s": 0.0}
     for (f, phase), v in values.items():
         fields[f] = fields[f] + ((phase, v),) if phase else v
     return dataclasses.replace(chip, **fields)
@@ -429,8 +436,8 @@ def engine_samples(chip, devices=None, quick: bool = False, log=print) -> list[d
     base_chip = _with_terms(chip, {})
     runs = ENGINE_RUNS_QUICK if quick else ENGINE_RUNS
     engines = []
-    for Y, V, B, L, K in runs:
-        cfg = tiny_config(Y, V, L + steps + 2, K)
+    for Y, V, B, L, K, E in runs:
+        cfg = tiny_config(Y, V, L + steps + 2, K, E)
         sm = ShardedModel(cfg, mesh, devices)
         params = sm.shard_params(reference.init_params(cfg, jax.random.key(0)), weights=weights)
         eng = Engine(ShardedBackend(sm, lay, params), params, slots=B, max_len=L + steps + 2)
@@ -446,15 +453,15 @@ def engine_samples(chip, devices=None, quick: bool = False, log=print) -> list[d
             ttfts[i].append(t)
             dec[i] += st
     out = []
-    for (Y, V, B, L, K), (cfg, eng, _), tt, dd in zip(runs, engines, ttfts, dec):
+    for (Y, V, B, L, K, E), (cfg, eng, _), tt, dd in zip(runs, engines, ttfts, dec):
         measured = {"prefill": statistics.median(tt), "decode": statistics.median(dd)}
         base = predict_engine(cfg, base_chip, layouts, eng)
         units = [predict_engine(cfg, _with_terms(chip, {t: 1.0}), layouts, eng) for t in OVERHEAD_TERMS]
         for phase, key in (("prefill", "ttft_s"), ("decode", "decode_s")):
             out.append({"phase": phase, "n_layers": Y, "vocab": V, "batch": B, "input_len": L, "kv_heads": K,
-                        "measured_s": measured[phase], "base_s": base[key],
+                        "d_model": E, "measured_s": measured[phase], "base_s": base[key],
                         "regressors": [u[key] - base[key] for u in units]})
-        log(f"  engine {Y} layers, V={V}, B={B}, L={L}, K={K}: prefill {measured['prefill'] * 1e3:.2f} ms, "
+        log(f"  engine {Y} layers, V={V}, B={B}, L={L}, K={K}, E={E}: prefill {measured['prefill'] * 1e3:.2f} ms, "
             f"decode {measured['decode'] * 1e3:.2f} ms/step")
     return out
 
@@ -480,7 +487,7 @@ def fit_overheads(samples: list[dict]) -> dict:
 
 def overhead_fields(terms: dict) -> dict:
     """{(field, phase): seconds} -> the ChipSpec JSON fields."""
-    out: dict = {"pass_overhead_s": {}, "layer_overhead_s": {}}
+    out: dict = {"pass_overhead_s": {}, "layer_overhead_s": {}, "act_elem_s": {}}
     for (f, phase), v in terms.items():
         if phase:
             out[f][phase] = v
@@ -495,7 +502,7 @@ def calibrate_engine(spec: dict, devices=None, quick: bool = False, log=print) -
     from meshlm.hardware import chip_from_dict
 
     chip = chip_from_dict(spec, where="measured spec")
-    log(f"engine fixed costs: {len(ENGINE_RUNS_QUICK if quick else ENGINE_RUNS)} tiny models (d_model 64) ...")
+    log(f"engine fixed costs: {len(ENGINE_RUNS_QUICK if quick else ENGINE_RUNS)} tiny models (d_model 64, one 512) ...")
     samples = engine_samples(chip, devices, quick, log)
     terms = fit_overheads(samples)
     coef = np.array([terms[t] for t in OVERHEAD_TERMS])

@@ -105,7 +105,7 @@ class PassCost:
     comm_bytes: float  # bytes this chip sends per pass (sum of collective buffers)
     score_mem_s: float = 0.0  # measured cost of the materialised L x S attention scores (calibrated chips)
     kv_extra_s: float = 0.0  # measured per-K/V-element handling beyond the bandwidth read (calibrated chips)
-    overhead_s: float = 0.0  # measured fixed costs: per pass, per layer, sampling over V (calibrated chips)
+    overhead_s: float = 0.0  # measured costs: per pass, per layer, per activation element, sampling over V (calibrated chips)
 
     @property
     def compute_s(self) -> float:
@@ -255,6 +255,15 @@ def weight_read_bytes(cfg: ModelConfig, layout: Layout) -> float:
     return stored * layout.mesh.size(layout.plan.weight_gather)
 
 
+def layer_act_elems(cfg: ModelConfig) -> int:
+    """Activation elements one layer writes per token between its matmuls: the normed input, q|k|v,
+    the attention output, the residual after it and its norm, the FFN's hidden (gate and up when
+    gated, then their product) and the residual after it. A calibrated chip prices them
+    (act_elem_s): at short prompts they are what a prefill spends beyond its matmuls."""
+    E, D, F = cfg.d_model, cfg.d_head, cfg.d_ff
+    return 4 * E + (cfg.n_heads + 2 * cfg.n_kv_heads) * D + cfg.n_heads * D + (3 if cfg.gated_mlp else 2) * F
+
+
 LOGITS = ("all", "last")  # prefill's output projection: every position (the paper's 2N per token) or the last
 
 
@@ -296,7 +305,8 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     # costs plus sampling over the B x V logits.
     scores = dict(chip.score_elem_s).get(phase, 0.0) * tokens * kv_len * h_served * cfg.n_layers / n
     kv_extra = dict(chip.kv_elem_s).get(phase, 0.0) * kv_bytes_dev / chip.act_bytes
-    overhead = chip.overhead_s(phase, cfg.n_layers) + chip.logit_elem_s * b_served * cfg.vocab
+    overhead = (chip.overhead_s(phase, cfg.n_layers) + chip.logit_elem_s * b_served * cfg.vocab
+                + dict(chip.act_elem_s).get(phase, 0.0) * tokens * layer_act_elems(cfg) * cfg.n_layers / n)
     return PassCost(matmul, attn, wmem, kvmem, exposed, lat_s, nbytes, scores, kv_extra, overhead)
 
 

@@ -26,6 +26,8 @@ from meshlm.layouts import MeshShape
 from meshlm.paths import home
 
 TOPOLOGIES = ("3d-torus", "2d-torus", "nvlink-switch", "switch")
+# the measured fields that map each phase (prefill, decode) to seconds
+PHASE_FIELDS = ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s", "act_elem_s")
 GiB = 1024**3
 
 
@@ -65,6 +67,10 @@ class ChipSpec:
     # per phase: seconds per cached K/V element a pass reads, beyond the bandwidth term (the
     # engine's per-position K/V handling: slice copies, writes back)
     kv_elem_s: tuple[tuple[str, float], ...] = ()
+    # per phase: seconds per activation element a layer writes between its matmuls, per token
+    # (norms, RoPE, the attention's reshapes, residuals, the gated activation;
+    # costmodel.layer_act_elems)
+    act_elem_s: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
@@ -88,7 +94,7 @@ class ChipSpec:
             if not pts or ms != sorted(set(ms)) or any(not _positive(v) or not _positive(m) for m, v in pts):
                 raise MeshlmError(f"chip {self.name!r}: matmul_curve[{fmt!r}] must be [M, FLOP/s] pairs with "
                                   f"increasing positive M and positive FLOP/s")
-        for what in ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s"):
+        for what in PHASE_FIELDS:
             for phase, v in getattr(self, what):
                 if phase not in ("prefill", "decode") or not _nonnegative(v):
                     raise MeshlmError(f"chip {self.name!r}: {what} maps prefill/decode to seconds >= 0, "
@@ -194,13 +200,12 @@ class ChipSpec:
         d["vendor_peaks"] = list(self.vendor_peaks)
         d["weight_flops"] = [list(p) for p in self.weight_flops]
         # the measured fields are written only when present: a preset's JSON stays what it was
-        for f, empty in (("matmul_curve", ()), ("pass_overhead_s", ()), ("layer_overhead_s", ()),
-                         ("logit_elem_s", 0.0), ("score_elem_s", ()), ("kv_elem_s", ())):
+        for f, empty in (("matmul_curve", ()), ("logit_elem_s", 0.0), *((f, ()) for f in PHASE_FIELDS)):
             if getattr(self, f) == empty:
                 del d[f]
         if self.matmul_curve:
             d["matmul_curve"] = {fmt: [list(p) for p in pts] for fmt, pts in self.matmul_curve}
-        for f in ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s"):
+        for f in PHASE_FIELDS:
             if getattr(self, f):
                 d[f] = dict(getattr(self, f))
         return d
@@ -268,7 +273,7 @@ def chip_from_dict(d: Any, where: str = "chip spec") -> ChipSpec:
                                       for fmt, pts in _pairs(d["matmul_curve"]))
         except (TypeError, ValueError):
             raise MeshlmError(f"{where}: matmul_curve must map a weight format to [M, FLOP/s] pairs") from None
-    for f in ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s"):
+    for f in PHASE_FIELDS:
         if f in d:
             try:
                 d[f] = tuple((str(k), v) for k, v in _pairs(d[f]))

@@ -65,10 +65,11 @@ def run(args) -> int:
         sc, kv = spec["score_elem_s"], spec["kv_elem_s"]
         print(f"  sampling {spec['logit_elem_s'] * 1e9:.3f} ns per logit; attention beyond FLOPs and bandwidth: "
               f"prefill {sc.get('prefill', 0) * 1e9:.3f} ns per score, decode {kv.get('decode', 0) * 1e9:.3f} ns per "
-              f"cached K/V element")
-        print(f"  {'tiny model':34s} {'measured ms':>11s} {'fitted ms':>9s}")
+              f"cached K/V element; prefill {spec['act_elem_s'].get('prefill', 0) * 1e9:.3f} ns per activation "
+              f"element")
+        print(f"  {'tiny model':40s} {'measured ms':>11s} {'fitted ms':>9s}")
         for s in samples:
-            what = f"{s['phase']} Y={s['n_layers']} V={s['vocab']} B={s['batch']} L={s['input_len']} K={s['kv_heads']}"
-            print(f"  {what:34s} {s['measured_s'] * ms:11.2f} {s['fitted_s'] * ms:9.2f}")
+            what = f"{s['phase']} Y={s['n_layers']} V={s['vocab']} B={s['batch']} L={s['input_len']} K={s['kv_heads']} E={s['d_model']}"
+            print(f"  {what:40s} {s['measured_s'] * ms:11.2f} {s['fitted_s'] * ms:9.2f}")
         print(f"wrote {out}")
     return 0
