@@ -46,6 +46,9 @@ def test_cli_writes_a_loadable_spec(tmp_path, capsys):
     per_phase = ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s")
     assert all(set(spec[f]) == {"prefill", "decode"} for f in per_phase)
     assert set(spec["act_elem_s"]) == {"prefill"} and spec["act_elem_s"]["prefill"] >= 0
+    # prefill attention per score at each batch timed (quick: 1 and 2), batch 1 also as score_elem_s
+    assert [b for b, _ in spec["prefill_score_curve"]] == [1, 2]
+    assert spec["prefill_score_curve"][0][1] == spec["score_elem_s"]["prefill"]
     assert min([spec["logit_elem_s"], *(v for f in per_phase for v in spec[f].values())]) >= 0
 
 

@@ -232,3 +232,19 @@ def test_overheads_and_scores_add_to_the_pass():
     b = pre[1].breakdown
     assert pre[1].latency_s == pytest.approx(max(b["matmul"], b["weight_load"]) + max(b["attention"], b["kv_load"])
                                              + b["score_load"] + b["kv_extra"] + b["communication"] + b["overhead"])
+
+
+def test_prefill_score_cost_is_read_at_the_sequences_per_chip():
+    """With a measured prefill_score_curve the per-score cost is the curve's at the batch each chip
+    attends over (log-interpolated), not the batch-1 score_elem_s."""
+    cfg = preset("palm-62b")
+    Y, H, L = cfg.n_layers, cfg.n_heads, 128
+    chip = calibrated(score_elem_s=(("prefill", 4e-9),), prefill_score_curve=((1, 4e-9), (4, 1e-9)))
+    one = Layout("ws2d", "heads", "f32", ONE)
+    for B, per_score in ((1, 4e-9), (2, 2.5e-9), (4, 1e-9), (16, 1e-9)):
+        p = estimate(cfg, chip, one, "prefill", B, L, 1)
+        assert p.breakdown["score_load"] == pytest.approx(per_score * B * L * L * H * Y, rel=1e-9)
+    # 8 sequences over a batch split of 8 chips: one sequence per chip, batch 1's cost
+    split = Layout("wg-xyz", "batch", "f32", MeshShape(2, 2, 2))
+    p = estimate(cfg, chip, split, "prefill", 8, L, 1)
+    assert p.breakdown["score_load"] == pytest.approx(4e-9 * 8 * L * L * H * Y / 8, rel=1e-9)

@@ -97,7 +97,8 @@ def test_local_spec(tmp_path, monkeypatch):
 MEASURED = {"matmul_curve": {"f32": [[1, 1e10], [4, 4e10], [64, 2e11]], "int8": [[1, 2e10], [64, 1e11]]},
             "pass_overhead_s": {"prefill": 0.03, "decode": 0.001}, "layer_overhead_s": {"prefill": 1e-4, "decode": 2e-5},
             "logit_elem_s": 1e-9, "score_elem_s": {"prefill": 5e-9, "decode": 8e-9},
-            "kv_elem_s": {"prefill": 1e-10, "decode": 2e-10}, "act_elem_s": {"prefill": 8e-10}}
+            "kv_elem_s": {"prefill": 1e-10, "decode": 2e-10}, "act_elem_s": {"prefill": 8e-10},
+            "prefill_score_curve": [[1, 4e-9], [4, 1e-9]]}
 HOST = {"name": "cpu-host", "peak_flops": 2e11, "hbm_bytes": 24 * GiB, "hbm_bw": 2.5e10, "link_bw": 1e10,
         "topology": "switch", "switch_domain": 1, "vendor_peaks": [], "flops_efficiency": 1.0, "hbm_efficiency": 1.0}
 
@@ -114,6 +115,12 @@ def test_matmul_curve_interpolates_in_log_m():
     assert c.overhead_s("prefill", 30) == pytest.approx(0.03 + 30 * 1e-4)
     assert c.overhead_s("decode", 2) == pytest.approx(0.001 + 2 * 2e-5)
     assert CHIPS["h100-sxm"].overhead_s("decode", 80) == 0
+    # prefill's cost per score by sequences per chip (log batch), clamped; decode keeps score_elem_s
+    assert c.score_elem("prefill", 2) == pytest.approx(2.5e-9) and c.score_elem("prefill", 1) == 4e-9
+    assert c.score_elem("prefill", 0.5) == 4e-9 and c.score_elem("prefill", 64) == 1e-9
+    assert c.score_elem("decode", 2) == 8e-9
+    without = chip_from_dict({**HOST, **{k: v for k, v in MEASURED.items() if k != "prefill_score_curve"}})
+    assert without.score_elem("prefill", 4) == 5e-9 and CHIPS["tpu-v4"].score_elem("prefill", 4) == 0
 
 
 def test_measured_fields_round_trip_and_old_specs_load(tmp_path):
@@ -128,7 +135,7 @@ def test_measured_fields_round_trip_and_old_specs_load(tmp_path):
     assert old.matmul_curve == () and old.overhead_s("prefill", 30) == 0 and old.logit_elem_s == 0
     # a preset's JSON has none of them (what `meshlm paper` prices is unchanged)
     assert not {"matmul_curve", "pass_overhead_s", "layer_overhead_s", "logit_elem_s", "score_elem_s", "kv_elem_s",
-                "act_elem_s"} & set(
+                "act_elem_s", "prefill_score_curve"} & set(
         CHIPS["tpu-v4"].to_dict())
 
 
@@ -141,6 +148,9 @@ def test_measured_fields_round_trip_and_old_specs_load(tmp_path):
     ("score_elem_s", [1, 2], "score_elem_s"),
     ("kv_elem_s", {"decode": "x"}, "kv_elem_s"),
     ("act_elem_s", {"prefill": -1e-9}, "act_elem_s"),
+    ("prefill_score_curve", [[4, 1e-9], [1, 2e-9]], "increasing"),
+    ("prefill_score_curve", [[1, -1e-9]], "prefill_score_curve"),
+    ("prefill_score_curve", {"x": 1}, "prefill_score_curve"),
     ("logit_elem_s", "slow", "logit_elem_s"),
 ])
 def test_malformed_measured_fields(field, value, msg):

@@ -13,8 +13,8 @@ simulated devices share the cores, so a per-device number measured alone would o
   chain of E x F / F x E matrices larger than the last-level cache;
 - attention as the engine runs it (`measure_attention`, heads of d_head 64): decode over a cache
   larger than the last-level cache (what its K/V read costs beyond the memory bandwidth becomes
-  seconds per cached element) and causal prefill over 1024-token prompts (what it costs beyond
-  its FLOPs becomes seconds per score);
+  seconds per cached element) and causal prefill over 1024-token prompts at batch 1, 2 and 4
+  (what it costs beyond its FLOPs becomes seconds per score, against the batch);
 - the engine's fixed costs (`calibrate_engine`): tiny models (d_model 64) of 2 and 8 layers, two
   vocabularies, short and long prompts, run through the real engine (prefill, decode steps); what
   the cost model (with the measured attention terms) does not explain of their times is fitted,
@@ -227,14 +227,18 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
 # Attention as the engine runs it, on heads of a typical size (d_head 64, 3 query heads per KV
 # head): decode over a cache larger than the last-level cache, prefill over long prompts.
 ATTN_DECODE = (4, 4096, 4, 3, 64)  # B, S, K, G, D: 32 MiB of f32 K and V per layer
-ATTN_PREFILL = (1, 1024, 3, 3, 64)  # B, L, K, G, D
+ATTN_PREFILL = (1, 1024, 3, 3, 64)  # B, L, K, G, D (B: the first of the batches below)
 ATTN_DECODE_QUICK, ATTN_PREFILL_QUICK = (2, 1024, 2, 3, 64), (1, 256, 2, 3, 64)
+# prefill is timed at several batches: per score it cost 2.83-2.96 ns at batch 1, 1.86-1.95 at 2 and
+# 1.60-1.68 at 4 on the development host (int8 4 x 1024 prompts had been over-predicted by 22-34%)
+ATTN_PREFILL_BATCHES, ATTN_PREFILL_BATCHES_QUICK = (1, 2, 4), (1, 2)
 
 
 def measure_attention(mesh, n: int, quick: bool = False, min_bytes: int = 256 << 20, log=print) -> dict:
     """Seconds per layer of the engine's decode attention (`model.attend_one`: one query per row
     against a [B, S, K, D] f32 cache at its last position) and prefill attention
-    (`model.attend_causal` over B x L prompts), every device at once, with the shapes timed.
+    (`model.attend_causal` over B x L prompts, at each batch of ATTN_PREFILL_BATCHES), every device
+    at once, with the shapes timed.
     Decode chains enough layers to stream min_bytes of cache per device, as a real step does;
     prefill chains 8 layers (2 quick), each query the last layer's output."""
     from meshlm.model import attend_causal, attend_one
@@ -256,10 +260,7 @@ def measure_attention(mesh, n: int, quick: bool = False, min_bytes: int = 256 <<
     f = _per_device(mesh, decode, q, pos, *caches)
     t_dec = _time(lambda: f(q, pos, *caches)) / layers
     del caches
-    B, L, K, G, D = pshape
-    qp = _put(mesh, jnp.asarray(rng.standard_normal((n * B, L, K, G, D), np.float32)))
-    kp, vp = (_put(mesh, jnp.asarray(rng.standard_normal((n * B, L, K, D), np.float32))) for _ in range(2))
-    lengths = _put(mesh, jnp.full((n * B,), L, jnp.int32))
+    _, L, K, G, D = pshape
     chain = 2 if quick else 8
 
     def prefill(q, k, v, lengths):
@@ -270,26 +271,37 @@ def measure_attention(mesh, n: int, quick: bool = False, min_bytes: int = 256 <<
             o = attend_causal(o, k, v, lengths) * 0.5 + q
         return o
 
-    g = _per_device(mesh, prefill, qp, kp, vp, lengths)
-    t_pre = _time(lambda: g(qp, kp, vp, lengths)) / chain
-    log(f"  decode {t_dec * 1e3:.3f} ms per layer (B, S, K, G, D = {dshape}), "
-        f"prefill {t_pre * 1e3:.2f} ms per layer (B, L, K, G, D = {pshape})")
-    return {"decode_s": t_dec, "prefill_s": t_pre, "decode_shape": dshape, "prefill_shape": pshape}
+    batches = []
+    for B in (ATTN_PREFILL_BATCHES_QUICK if quick else ATTN_PREFILL_BATCHES):
+        qp = _put(mesh, jnp.asarray(rng.standard_normal((n * B, L, K, G, D), np.float32)))
+        kp, vp = (_put(mesh, jnp.asarray(rng.standard_normal((n * B, L, K, D), np.float32))) for _ in range(2))
+        lengths = _put(mesh, jnp.full((n * B,), L, jnp.int32))
+        g = _per_device(mesh, prefill, qp, kp, vp, lengths)
+        batches.append((B, _time(lambda: g(qp, kp, vp, lengths)) / chain))
+    log(f"  decode {t_dec * 1e3:.3f} ms per layer (B, S, K, G, D = {dshape}), prefill per layer "
+        + ", ".join(f"{t * 1e3:.2f} ms at B = {B}" for B, t in batches) + f" (L, K, G, D = {pshape[1:]})")
+    return {"decode_s": t_dec, "decode_shape": dshape, "prefill_s": batches[0][1],
+            "prefill_shape": (batches[0][0], L, K, G, D), "prefill_batches": batches}
 
 
 def attention_fields(attn: dict, mem_bw: float, flops: float, act_bytes: int) -> dict:
     """The cost model's attention terms from measure_attention: what the bandwidth read of K/V
     (decode) and the larger of the score FLOPs and the K/V read (prefill) do not explain goes to
     kv_elem_s (decode, per cached K/V element) and score_elem_s (prefill, per score of the cost
-    model's full L x L count). Never negative."""
+    model's full L x L count; at each batch timed: prefill_score_curve). Never negative."""
     B, S, K, G, D = attn["decode_shape"]
     elems = 2 * B * S * K * D
     kv_dec = max(0.0, attn["decode_s"] / elems - act_bytes / mem_bw)
-    B, L, K, G, D = attn["prefill_shape"]
-    scores = B * L * L * K * G
-    floor = max(4.0 * scores * D / flops, 2 * B * L * K * D * act_bytes / mem_bw)
-    sc_pre = max(0.0, (attn["prefill_s"] - floor) / scores)
-    return {"score_elem_s": {"prefill": sc_pre, "decode": 0.0}, "kv_elem_s": {"prefill": 0.0, "decode": kv_dec}}
+    _, L, K, G, D = attn["prefill_shape"]
+
+    def per_score(B: int, t: float) -> float:
+        scores = B * L * L * K * G
+        floor = max(4.0 * scores * D / flops, 2 * B * L * K * D * act_bytes / mem_bw)
+        return max(0.0, (t - floor) / scores)
+
+    curve = [[B, per_score(B, t)] for B, t in attn.get("prefill_batches", [(attn["prefill_shape"][0], attn["prefill_s"])])]
+    return {"score_elem_s": {"prefill": curve[0][1], "decode": 0.0}, "prefill_score_curve": curve,
+            "kv_elem_s": {"prefill": 0.0, "decode": kv_dec}}
 
 
 def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:

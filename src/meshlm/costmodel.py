@@ -303,7 +303,7 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     # Calibrated chips only (0 on presets): the score tensor [B, H, L, S] of every layer is
     # materialised (and masked, softmaxed) at a measured cost per score, and every pass has fixed
     # costs plus sampling over the B x V logits.
-    scores = dict(chip.score_elem_s).get(phase, 0.0) * tokens * kv_len * h_served * cfg.n_layers / n
+    scores = chip.score_elem(phase, b_served / split) * tokens * kv_len * h_served * cfg.n_layers / n
     kv_extra = dict(chip.kv_elem_s).get(phase, 0.0) * kv_bytes_dev / chip.act_bytes
     overhead = (chip.overhead_s(phase, cfg.n_layers) + chip.logit_elem_s * b_served * cfg.vocab
                 + dict(chip.act_elem_s).get(phase, 0.0) * tokens * layer_act_elems(cfg) * cfg.n_layers / n)

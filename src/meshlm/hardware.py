@@ -64,6 +64,10 @@ class ChipSpec:
     logit_elem_s: float = 0.0  # seconds per sampled logit (B x V per pass): argmax/sampling over V
     # per phase: seconds per attention score (B H L S per layer) beyond its FLOPs and the KV read
     score_elem_s: tuple[tuple[str, float], ...] = ()
+    # prefill's seconds per score against the sequences per chip, e.g. ((1, 2.9e-9), (4, 1.6e-9)):
+    # replaces score_elem_s["prefill"] when present (the engine's attention is cheaper per score
+    # on more sequences at once)
+    prefill_score_curve: tuple[tuple[int, float], ...] = ()
     # per phase: seconds per cached K/V element a pass reads, beyond the bandwidth term (the
     # engine's per-position K/V handling: slice copies, writes back)
     kv_elem_s: tuple[tuple[str, float], ...] = ()
@@ -94,6 +98,10 @@ class ChipSpec:
             if not pts or ms != sorted(set(ms)) or any(not _positive(v) or not _positive(m) for m, v in pts):
                 raise MeshlmError(f"chip {self.name!r}: matmul_curve[{fmt!r}] must be [M, FLOP/s] pairs with "
                                   f"increasing positive M and positive FLOP/s")
+        bs = [b for b, _ in self.prefill_score_curve]
+        if bs != sorted(set(bs)) or any(not _positive(b) or not _nonnegative(v) for b, v in self.prefill_score_curve):
+            raise MeshlmError(f"chip {self.name!r}: prefill_score_curve must be [batch, seconds] pairs with "
+                              f"increasing positive batch and seconds >= 0")
         for what in PHASE_FIELDS:
             for phase, v in getattr(self, what):
                 if phase not in ("prefill", "decode") or not _nonnegative(v):
@@ -122,15 +130,16 @@ class ChipSpec:
         pts = dict(self.matmul_curve).get(weights)
         if not pts:
             return self.flops_for(weights)
-        if m <= pts[0][0]:
-            return pts[0][1] * self.flops_efficiency
-        if m >= pts[-1][0]:
-            return pts[-1][1] * self.flops_efficiency
-        for (m0, r0), (m1, r1) in zip(pts, pts[1:]):
-            if m <= m1:
-                f = (math.log(m) - math.log(m0)) / (math.log(m1) - math.log(m0))
-                return (r0 + f * (r1 - r0)) * self.flops_efficiency
-        raise AssertionError("unreachable: m is within the curve")
+        return _interp_log(pts, m) * self.flops_efficiency
+
+    def score_elem(self, phase: str, batch: float) -> float:
+        """Measured seconds per attention score of `phase` with `batch` sequences per chip:
+        prefill_score_curve (prefill) interpolated linearly in log batch and clamped to its ends,
+        else score_elem_s (0 for presets)."""
+        pts = self.prefill_score_curve if phase == "prefill" else ()
+        if not pts:
+            return dict(self.score_elem_s).get(phase, 0.0)
+        return _interp_log(pts, batch)
 
     def overhead_s(self, phase: str, n_layers: int) -> float:
         """Measured fixed seconds of one engine pass of `phase` with n_layers layers (0 for presets)."""
@@ -200,15 +209,31 @@ class ChipSpec:
         d["vendor_peaks"] = list(self.vendor_peaks)
         d["weight_flops"] = [list(p) for p in self.weight_flops]
         # the measured fields are written only when present: a preset's JSON stays what it was
-        for f, empty in (("matmul_curve", ()), ("logit_elem_s", 0.0), *((f, ()) for f in PHASE_FIELDS)):
+        for f, empty in (("matmul_curve", ()), ("logit_elem_s", 0.0), ("prefill_score_curve", ()),
+                         *((f, ()) for f in PHASE_FIELDS)):
             if getattr(self, f) == empty:
                 del d[f]
         if self.matmul_curve:
             d["matmul_curve"] = {fmt: [list(p) for p in pts] for fmt, pts in self.matmul_curve}
+        if self.prefill_score_curve:
+            d["prefill_score_curve"] = [list(p) for p in self.prefill_score_curve]
         for f in PHASE_FIELDS:
             if getattr(self, f):
                 d[f] = dict(getattr(self, f))
         return d
+
+
+def _interp_log(pts, x: float) -> float:
+    """y at x on the curve [(x, y), ...] (x increasing): linear in log x, clamped to its ends."""
+    if x <= pts[0][0]:
+        return pts[0][1]
+    if x >= pts[-1][0]:
+        return pts[-1][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            f = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + f * (y1 - y0)
+    raise AssertionError("unreachable: x is within the curve")
 
 
 def _positive(v: Any) -> bool:
@@ -273,6 +298,11 @@ def chip_from_dict(d: Any, where: str = "chip spec") -> ChipSpec:
                                       for fmt, pts in _pairs(d["matmul_curve"]))
         except (TypeError, ValueError):
             raise MeshlmError(f"{where}: matmul_curve must map a weight format to [M, FLOP/s] pairs") from None
+    if "prefill_score_curve" in d:
+        try:
+            d["prefill_score_curve"] = tuple((int(b), v) for b, v in d["prefill_score_curve"])
+        except (TypeError, ValueError):
+            raise MeshlmError(f"{where}: prefill_score_curve must be a list of [batch, seconds] pairs") from None
     for f in PHASE_FIELDS:
         if f in d:
             try:

@@ -64,7 +64,8 @@ def run(args) -> int:
               f"decode {spec['layer_overhead_s'].get('decode', 0) * ms:.3f} ms")
         sc, kv = spec["score_elem_s"], spec["kv_elem_s"]
         print(f"  sampling {spec['logit_elem_s'] * 1e9:.3f} ns per logit; attention beyond FLOPs and bandwidth: "
-              f"prefill {sc.get('prefill', 0) * 1e9:.3f} ns per score, decode {kv.get('decode', 0) * 1e9:.3f} ns per "
+              f"prefill {', '.join(f'{v * 1e9:.3f}' for _, v in spec.get('prefill_score_curve', [[1, sc.get('prefill', 0)]]))} "
+              f"ns per score (batch {', '.join(str(b) for b, _ in spec.get('prefill_score_curve', [[1, 0]]))}), decode {kv.get('decode', 0) * 1e9:.3f} ns per "
               f"cached K/V element; prefill {spec['act_elem_s'].get('prefill', 0) * 1e9:.3f} ns per activation "
               f"element")
         print(f"  {'tiny model':40s} {'measured ms':>11s} {'fitted ms':>9s}")
