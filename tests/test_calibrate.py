@@ -82,16 +82,21 @@ def test_attention_terms_are_what_bandwidth_and_flops_leave_over():
     B, S, K, G, D = 2, 1000, 2, 3, 64
     elems = 2 * B * S * K * D
     pre = (1, 100, 2, 3, 64)
-    scores = 100 * 100 * 6
-    floor = 4.0 * scores * 64 / 1e11
+    scores = 100 * 100 * 6  # per sequence
+    floor = 4.0 * scores * 64 / 1e11  # per sequence
+    # batch 1 at 3 ns per score beyond the floor, batch 4 at 1.5 ns
+    batches = [(1, floor + scores * 3e-9), (4, 4 * (floor + scores * 1.5e-9))]
     attn = {"decode_shape": (B, S, K, G, D), "prefill_shape": pre, "decode_s": elems * 4 / 2e10,
-            "prefill_s": floor + scores * 3e-9}
+            "prefill_s": batches[0][1], "prefill_batches": batches}
     f = attention_fields(attn, mem_bw=2e10, flops=1e11, act_bytes=4)
     assert f["kv_elem_s"]["decode"] == pytest.approx(0.0, abs=1e-15)
     assert f["score_elem_s"]["prefill"] == pytest.approx(3e-9, rel=1e-6)
-    slow = attention_fields({**attn, "decode_s": 2 * elems * 4 / 2e10, "prefill_s": floor / 2}, 2e10, 1e11, 4)
+    assert [b for b, _ in f["prefill_score_curve"]] == [1, 4]
+    assert [v for _, v in f["prefill_score_curve"]] == pytest.approx([3e-9, 1.5e-9], rel=1e-6)
+    slow = attention_fields({**attn, "decode_s": 2 * elems * 4 / 2e10, "prefill_batches": [(1, floor / 2)]},
+                            2e10, 1e11, 4)
     assert slow["kv_elem_s"]["decode"] == pytest.approx(4 / 2e10, rel=1e-6)
-    assert slow["score_elem_s"]["prefill"] == 0.0
+    assert slow["score_elem_s"]["prefill"] == 0.0 and slow["prefill_score_curve"] == [[1, 0.0]]
 
 
 def test_fit_recovers_overheads_and_keeps_them_non_negative():

@@ -299,7 +299,7 @@ def attention_fields(attn: dict, mem_bw: float, flops: float, act_bytes: int) ->
         floor = max(4.0 * scores * D / flops, 2 * B * L * K * D * act_bytes / mem_bw)
         return max(0.0, (t - floor) / scores)
 
-    curve = [[B, per_score(B, t)] for B, t in attn.get("prefill_batches", [(attn["prefill_shape"][0], attn["prefill_s"])])]
+    curve = [[B, per_score(B, t)] for B, t in attn["prefill_batches"]]
     return {"score_elem_s": {"prefill": curve[0][1], "decode": 0.0}, "prefill_score_curve": curve,
             "kv_elem_s": {"prefill": 0.0, "decode": kv_dec}}
 

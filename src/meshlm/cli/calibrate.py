@@ -62,12 +62,12 @@ def run(args) -> int:
               f"decode {spec['pass_overhead_s'].get('decode', 0) * ms:.2f} ms")
         print(f"  engine overhead per layer prefill {spec['layer_overhead_s'].get('prefill', 0) * ms:.3f} ms, "
               f"decode {spec['layer_overhead_s'].get('decode', 0) * ms:.3f} ms")
-        sc, kv = spec["score_elem_s"], spec["kv_elem_s"]
+        kv, curve = spec["kv_elem_s"], spec.get("prefill_score_curve", [])
+        per_score = ", ".join(f"{v * 1e9:.3f}" for _, v in curve)
         print(f"  sampling {spec['logit_elem_s'] * 1e9:.3f} ns per logit; attention beyond FLOPs and bandwidth: "
-              f"prefill {', '.join(f'{v * 1e9:.3f}' for _, v in spec.get('prefill_score_curve', [[1, sc.get('prefill', 0)]]))} "
-              f"ns per score (batch {', '.join(str(b) for b, _ in spec.get('prefill_score_curve', [[1, 0]]))}), decode {kv.get('decode', 0) * 1e9:.3f} ns per "
-              f"cached K/V element; prefill {spec['act_elem_s'].get('prefill', 0) * 1e9:.3f} ns per activation "
-              f"element")
+              f"prefill {per_score} ns per score (batch {', '.join(str(b) for b, _ in curve)}), decode "
+              f"{kv.get('decode', 0) * 1e9:.3f} ns per cached K/V element; prefill "
+              f"{spec['act_elem_s'].get('prefill', 0) * 1e9:.3f} ns per activation element")
         print(f"  {'tiny model':40s} {'measured ms':>11s} {'fitted ms':>9s}")
         for s in samples:
             what = f"{s['phase']} Y={s['n_layers']} V={s['vocab']} B={s['batch']} L={s['input_len']} K={s['kv_heads']} E={s['d_model']}"
