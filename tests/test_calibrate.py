@@ -87,7 +87,7 @@ def test_attention_terms_are_what_bandwidth_and_flops_leave_over():
     # batch 1 at 3 ns per score beyond the floor, batch 4 at 1.5 ns
     batches = [(1, floor + scores * 3e-9), (4, 4 * (floor + scores * 1.5e-9))]
     attn = {"decode_shape": (B, S, K, G, D), "prefill_shape": pre, "decode_s": elems * 4 / 2e10,
-            "prefill_s": batches[0][1], "prefill_batches": batches}
+            "prefill_batches": batches}
     f = attention_fields(attn, mem_bw=2e10, flops=1e11, act_bytes=4)
     assert f["kv_elem_s"]["decode"] == pytest.approx(0.0, abs=1e-15)
     assert f["score_elem_s"]["prefill"] == pytest.approx(3e-9, rel=1e-6)

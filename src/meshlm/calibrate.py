@@ -227,7 +227,7 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
 # Attention as the engine runs it, on heads of a typical size (d_head 64, 3 query heads per KV
 # head): decode over a cache larger than the last-level cache, prefill over long prompts.
 ATTN_DECODE = (4, 4096, 4, 3, 64)  # B, S, K, G, D: 32 MiB of f32 K and V per layer
-ATTN_PREFILL = (1, 1024, 3, 3, 64)  # B, L, K, G, D (B: the first of the batches below)
+ATTN_PREFILL = (1, 1024, 3, 3, 64)  # B, L, K, G, D (timed at each batch below)
 ATTN_DECODE_QUICK, ATTN_PREFILL_QUICK = (2, 1024, 2, 3, 64), (1, 256, 2, 3, 64)
 # prefill is timed at several batches: per score it cost 2.83-2.96 ns at batch 1, 1.86-1.95 at 2 and
 # 1.60-1.68 at 4 on the development host (int8 4 x 1024 prompts had been over-predicted by 22-34%)
@@ -280,8 +280,7 @@ def measure_attention(mesh, n: int, quick: bool = False, min_bytes: int = 256 <<
         batches.append((B, _time(lambda: g(qp, kp, vp, lengths)) / chain))
     log(f"  decode {t_dec * 1e3:.3f} ms per layer (B, S, K, G, D = {dshape}), prefill per layer "
         + ", ".join(f"{t * 1e3:.2f} ms at B = {B}" for B, t in batches) + f" (L, K, G, D = {pshape[1:]})")
-    return {"decode_s": t_dec, "decode_shape": dshape, "prefill_s": batches[0][1],
-            "prefill_shape": (batches[0][0], L, K, G, D), "prefill_batches": batches}
+    return {"decode_s": t_dec, "decode_shape": dshape, "prefill_shape": pshape, "prefill_batches": batches}
 
 
 def attention_fields(attn: dict, mem_bw: float, flops: float, act_bytes: int) -> dict:
