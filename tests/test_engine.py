@@ -52,24 +52,41 @@ def test_ragged_batch_with_slot_reuse_equals_each_prompt_alone(engine, sp):
     assert all(len(t) == 10 for t in batch)
 
 
-def test_next_step_is_dispatched_ahead_and_discarded_by_insert(params):
-    """generate() launches the following step before reading its ids back; an insert voids it (it
-    ran on the old slot state) and the step is redone: slot 0's tokens are those of a run with no
-    insert, slot 1 continues its new prompt exactly."""
-    eng = Engine(ReferenceBackend(CFG), params, slots=2, max_len=64)
+def test_next_dispatch_is_launched_ahead_and_discarded_by_insert(params):
+    """generate() runs k steps and launches the next k before reading their ids back; an insert
+    voids that dispatch (it ran on the old slot state) and the steps are redone: slot 0's tokens
+    are those of a run with no insert, slot 1 continues its new prompt exactly."""
+    eng = Engine(ReferenceBackend(CFG), params, slots=2, max_len=64, steps_per_dispatch=2)
     sp = SamplingParams(max_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
     pre = eng.prefill(PROMPTS[:2], [sp, sp])
     eng.insert(pre, 0, 0, sp)
     eng.insert(pre, 1, 1, sp)
-    steps = [eng.generate() for _ in range(3)]
-    assert eng._ahead is not None
+    chunks = [eng.generate() for _ in range(3)]
+    assert eng._ahead is not None and all(c.shape == (2, 2) for c in chunks)
     eng.insert(eng.prefill([PROMPTS[2]], [sp]), 0, 1, sp)
     assert eng._ahead is None
-    steps += [eng.generate() for _ in range(3)]
-    alone = eng.generate_ids([PROMPTS[0], PROMPTS[2]], SamplingParams(max_tokens=7, temperature=0.8, seed=5,
+    chunks += [eng.generate() for _ in range(2)] + [eng.generate(ahead=False)]
+    assert eng._ahead is None
+    steps = np.concatenate(chunks)  # [12, slots]
+    alone = eng.generate_ids([PROMPTS[0], PROMPTS[2]], SamplingParams(max_tokens=13, temperature=0.8, seed=5,
                                                                        ignore_eos=True))
-    assert [int(s[0]) for s in steps] == alone[0][1:]
-    assert [int(s[1]) for s in steps[3:]] == alone[1][1:4]
+    assert steps[:, 0].tolist() == alone[0][1:]
+    assert steps[6:, 1].tolist() == alone[1][1:7]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_steps_per_dispatch_change_no_token(params, engine, k):
+    """Requests that end inside a dispatch (EOS, max_tokens, stop by accept, the context limit),
+    slots reused mid-run: the same tokens and finish reasons at k = 1, 3 and the default 8."""
+    sp = [SamplingParams(max_tokens=n, temperature=0.7, seed=1) for n in (4, 9, 2, 7, 30)]
+    want = engine.generate_ids(PROMPTS, sp)
+    eos = want[4][5]
+    small = Engine(ReferenceBackend(CFG), params, slots=2, max_len=20, eos_ids=[eos], steps_per_dispatch=k)
+    ref = Engine(ReferenceBackend(CFG), params, slots=2, max_len=20, eos_ids=[eos], steps_per_dispatch=1)
+    got = [small.generate_ids(PROMPTS, sp), ref.generate_ids(PROMPTS, sp)]
+    assert got[0] == got[1] and small.stats.finish == ref.stats.finish
+    assert "stop" in small.stats.finish.values() and "length" in small.stats.finish.values()
+    assert small.stats.decode_steps % k == 0
 
 
 def test_seed_changes_sampled_tokens(engine):
@@ -159,7 +176,7 @@ def test_text_generator_streams_what_complete_returns(params, tok):
 def test_cache_is_preallocated_and_donated(engine):
     engine.generate_ids([PROMPTS[0]], GREEDY)
     old = jax.tree.leaves(engine.cache)
-    engine.generate()
+    engine.generate()  # consumes the dispatch launched ahead, launches the next (donating the cache)
     new = jax.tree.leaves(engine.cache)
     assert all(a.is_deleted() for a in old)  # donated: updated in place, not copied
     assert [a.shape for a in new] == [a.shape for a in old]
@@ -169,3 +186,12 @@ def test_one_token_comes_from_prefill_alone(engine, params):
     got = engine.generate_ids(PROMPTS[:3], SamplingParams(max_tokens=1, ignore_eos=True))
     assert got == [rollout(params, p, 1) for p in PROMPTS[:3]]
     assert engine.stats.decode_steps == 0  # finished at prefill: never inserted, no decode step
+
+
+def test_steps_per_dispatch_is_checked_and_the_cli_states_its_default(params):
+    from meshlm.cli.generate import STEPS_HELP_DEFAULT
+    from meshlm.engine import DEFAULT_STEPS_PER_DISPATCH
+
+    with pytest.raises(MeshlmError, match="at least 1"):
+        Engine(ReferenceBackend(CFG), params, slots=1, max_len=16, steps_per_dispatch=0)
+    assert STEPS_HELP_DEFAULT == DEFAULT_STEPS_PER_DISPATCH

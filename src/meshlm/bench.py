@@ -11,7 +11,8 @@ step; reported separately as `first_run_s`/`compile_s`), then timed. TTFT is the
 short prefills take more, up to TTFT_MAX_REPEATS within about TTFT_BUDGET_S (as `timeit`'s
 autorange does): the first timed prefills of a fresh deployment were at times 30-60% slower than
 the rest (int8 1 x 128: 136, 170, then 104-110 ms), and 3 of them made that the median.
-Each decode step is timed alone (ids on the host) and reported as p50/p90/p99. Python's garbage
+Decode is timed in each of the `repeats` runs, per dispatch of the engine's k steps (ids on the
+host; seconds per token = the dispatch's time / k), and reported as p50/p90/p99 over all of them. Python's garbage
 collector runs before the timed runs and is paused during them (as `timeit` does): a deployment is
 freed only by a collection (it holds reference cycles), and collecting the previous
 configuration's took ~160 ms inside whichever prefill or step triggered it. MFU counts the
@@ -63,13 +64,15 @@ def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, float), q)) if xs else 0.0
 
 
-def deploy_config(host, c: Config, n_devices: int | None = None, mesh=None):
+def deploy_config(host, c: Config, n_devices: int | None = None, mesh=None, steps_per_dispatch: int | None = None):
     from meshlm.deploy import deploy
+    from meshlm.engine import DEFAULT_STEPS_PER_DISPATCH
 
     pre, dec = (None, None) if c.pair == "planner" else _split_pair(c.pair)
     return deploy(host.source, n_devices=n_devices, mesh=mesh, prefill=pre, decode=dec, quantize=c.weights,
                   slots=c.batch, max_len=c.input_len + c.gen_len, batch=c.batch, input_len=c.input_len,
-                  gen_len=c.gen_len, progress=False, host=host)
+                  gen_len=c.gen_len, progress=False, host=host,
+                  steps_per_dispatch=steps_per_dispatch or DEFAULT_STEPS_PER_DISPATCH)
 
 
 def _split_pair(pair: str) -> tuple[str, str]:
@@ -80,7 +83,8 @@ def _split_pair(pair: str) -> tuple[str, str]:
 
 
 def run_once(eng, ps: list[list[int]], gen_len: int) -> tuple[float, list[float]]:
-    """(prefill seconds, [seconds of each decode step]) of one whole batch; greedy, EOS ignored."""
+    """(prefill seconds, [seconds per token of each decode dispatch]) of one whole batch: greedy,
+    EOS ignored, gen_len steps rounded up to whole dispatches of the engine's k steps."""
     sp = SamplingParams(max_tokens=gen_len + 1, ignore_eos=True)
     t = time.perf_counter()
     pre = eng.prefill(ps, [sp] * len(ps))  # first ids come back to the host: the prefill is done
@@ -88,11 +92,11 @@ def run_once(eng, ps: list[list[int]], gen_len: int) -> tuple[float, list[float]
     for i in range(len(ps)):
         eng.insert(pre, i, i, sp)
     steps = []
-    for _ in range(gen_len):
+    for _ in range(-(-gen_len // eng.k)):
         t = time.perf_counter()
-        eng.generate()  # returns host ids: the step is done (and the next one launched)
-        steps.append(time.perf_counter() - t)
-    eng.sync()  # the step launched ahead must not run into the next measurement
+        eng.generate()  # returns host ids: the k steps are done (and the next k launched)
+        steps.append((time.perf_counter() - t) / eng.k)
+    eng.sync()  # the dispatch launched ahead must not run into the next measurement
     return ttft, steps
 
 
@@ -110,10 +114,13 @@ def measure(d, c: Config, repeats: int = 3, prompt_ids: list[list[int]] | None =
         t = time.perf_counter()
         first_ttft, first_steps = run_once(eng, ps, min(2, c.gen_len))
         first = time.perf_counter() - t
-        ttft, steps = run_once(eng, ps, c.gen_len)
-        ttfts = [ttft]
-        n = max(repeats, min(TTFT_MAX_REPEATS, math.ceil(TTFT_BUDGET_S / max(ttft, 1e-6))))
-        for _ in range(n - 1):
+        ttfts, steps = [], []
+        for _ in range(repeats):  # decode timed in each of them: one slow moment of a shared host
+            ttft, st = run_once(eng, ps, c.gen_len)  # moves a p50 over one run's window alone
+            ttfts.append(ttft)
+            steps += st
+        n = max(repeats, min(TTFT_MAX_REPEATS, math.ceil(TTFT_BUDGET_S / max(ttfts[0], 1e-6))))
+        for _ in range(n - repeats):
             ttfts.append(run_once(eng, ps, 0)[0])
     finally:
         if was_enabled:
@@ -123,8 +130,8 @@ def measure(d, c: Config, repeats: int = 3, prompt_ids: list[list[int]] | None =
     return {"ttft_s": ttft, "decode_p50_s": p50, "decode_p90_s": percentile(steps, 90),
             "decode_p99_s": percentile(steps, 99), "decode_mean_s": statistics.fmean(steps),
             "tokens_per_s": c.batch / p50, "first_run_s": first,
-            "compile_s": max(0.0, first_ttft - ttft) + max(0.0, first_steps[0] - p50),
-            "ttft_repeats": len(ttfts), "prefill_shape": list(eng.stats.prefill_shape)}
+            "compile_s": max(0.0, first_ttft - ttft) + max(0.0, first_steps[0] - p50) * eng.k,
+            "ttft_repeats": len(ttfts), "steps_per_dispatch": eng.k, "prefill_shape": list(eng.stats.prefill_shape)}
 
 
 def predict(d, c: Config) -> dict:
@@ -202,14 +209,14 @@ def configs(pairs: list[str], weights: list[str | None], batches: list[int], inp
 
 
 def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repeats: int = 3, log=None,
-        on_row=None) -> list[dict]:
+        on_row=None, steps_per_dispatch: int | None = None) -> list[dict]:
     """Deploy and measure every config; one row per config (measured, predicted, errors, layouts,
     the host's load average after it). on_row(rows so far) after each (e.g. to save partial results)."""
     import os
 
     rows = []
     for c in cfgs:
-        d = deploy_config(host, c, n_devices, mesh)
+        d = deploy_config(host, c, n_devices, mesh, steps_per_dispatch)
         m = measure(d, c, repeats)
         p = predict(d, c)
         lay = d.layouts

@@ -24,7 +24,7 @@ from meshlm import comm
 from meshlm.checkpoints import LoadedModel, load_model
 from meshlm.config import ModelConfig
 from meshlm.costmodel import Estimate, estimate
-from meshlm.engine import Engine, TextGenerator
+from meshlm.engine import DEFAULT_STEPS_PER_DISPATCH, Engine, TextGenerator
 from meshlm.errors import MeshlmError
 from meshlm.hardware import CHIPS, ChipSpec, load_chip, local_spec_path
 from meshlm.layouts import Layout, MeshShape, parse_phase_layout
@@ -133,7 +133,8 @@ def choose_layouts(cfg: ModelConfig, chip: ChipSpec, n: int, mesh: MeshShape | N
 def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshShape | None = None,
            prefill: str | None = None, decode: str | None = None, quantize: str | None = None,
            slots: int = 1, max_len: int = 512, batch: int | None = None, input_len: int = 16,
-           gen_len: int = 32, progress: bool = True, host: LoadedModel | None = None) -> Deployment:
+           gen_len: int = 32, progress: bool = True, host: LoadedModel | None = None,
+           steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH) -> Deployment:
     """Load `model` onto the mesh and build its engine. batch/input_len/gen_len describe the
     expected workload the planner prices (batch defaults to `slots`). `host`: a model already
     loaded with host (numpy) leaves, reused instead of reading `model` again (kept intact)."""
@@ -160,7 +161,8 @@ def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshSh
     params = sm.shard_params(loaded.params, weights=weights, storage=storage)
     loaded.params = params  # devices hold their shards only (the host copy is dropped unless `host` keeps it)
     dec, pre = ShardedBackend(sm, lay["decode"], params), ShardedBackend(sm, lay["prefill"], params)
-    eng = Engine(dec, params, slots=slots, max_len=max_len, prefill_backend=pre, eos_ids=loaded.tokenizer.eos_ids)
+    eng = Engine(dec, params, slots=slots, max_len=max_len, prefill_backend=pre, eos_ids=loaded.tokenizer.eos_ids,
+                 steps_per_dispatch=steps_per_dispatch)
     return Deployment(loaded, chip, lay, est, eng, TextGenerator(eng, loaded.tokenizer))
 
 

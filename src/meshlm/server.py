@@ -5,10 +5,11 @@
     GET  /v1/models, GET /health
 
 One `Scheduler` thread owns the engine (whose jitted steps are not re-entrant). Each loop turn it
-either prefills waiting requests into free decode slots (new requests join between decode steps:
-continuous batching) or runs one decode step for every slot, then hands each sampled token to its
-request. Handlers only talk to the scheduler through thread-safe queues, so a slow client never
-stalls decoding; a client that disconnects frees its slot at the next step.
+either prefills waiting requests into free decode slots (new requests join between decode
+dispatches: continuous batching) or runs one dispatch of decode steps (the engine's
+steps_per_dispatch) for every slot, then hands each sampled token to its request. Handlers only
+talk to the scheduler through thread-safe queues, so a slow client never stalls decoding; a
+client that disconnects frees its slot at the next dispatch.
 
 Bad requests get a 400 with a reason (OpenAI's error shape); a full queue gets a 429. Nothing that
 was accepted is dropped: every accepted request ends with its text and a finish reason ("stop",
@@ -123,10 +124,14 @@ class Scheduler:
                 self.active[free[i]] = req
 
     def _step(self) -> None:
-        ids = self.engine.generate()
-        for slot, req in list(self.active.items()):
-            if not self._deliver(req, int(ids[slot]), int(self.engine.positions[slot])):
-                del self.active[slot]
+        eng = self.engine
+        with self.cv:
+            ahead = not self.waiting  # with requests waiting, an insert may follow
+        ids = eng.generate(ahead=ahead)  # [k, slots]: k steps per dispatch
+        for j, row in enumerate(ids):
+            for slot, req in list(self.active.items()):  # a request ended at row j ignores the rest
+                if not self._deliver(req, int(row[slot]), int(eng.positions[slot]) - eng.k + j + 1):
+                    del self.active[slot]
 
     def _deliver(self, req: Job, tok: int, position: int) -> bool:
         """Hand one sampled token to its request; False when the request has ended."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from meshlm.cli import int_list, positive_int
+from meshlm.cli.generate import add_steps_arg
 
 
 def register(sub) -> None:
@@ -24,7 +25,10 @@ def register(sub) -> None:
                    help="comma-separated layout pairs: planner or PREFILL:DECODE (e.g. wg-xyz/heads:ws2d/batch)")
     p.add_argument("--devices", type=positive_int, help="devices to use; on a CPU-only host, simulate N devices")
     p.add_argument("--mesh", help="mesh XxYxZ (default: the planner's choice)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="prefills timed per configuration, at least (median; short ones up to 9 within ~1 s)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="runs timed per configuration: decode in each, prefill at least this often (median; short "
+                        "ones up to 9 within ~1 s)")
+    add_steps_arg(p)
     p.add_argument("--json", dest="json_out", help="write every row (and the error summary) to this JSON file")
     p.add_argument("--plot", help="write decode tokens/s vs batch, measured and predicted, to this PNG")
     p.set_defaults(func=run)
@@ -74,7 +78,7 @@ def run(args) -> int:
                                              "rows": rows}, quiet=not complete)
 
     rows = bench.run(host, cfgs, n_devices=n, mesh=mesh, repeats=args.repeats,
-                     log=lambda line: print(line, flush=True), on_row=save)
+                     log=lambda line: print(line, flush=True), on_row=save, steps_per_dispatch=args.steps_per_dispatch)
     summary = bench.error_summary(rows)
     for line in bench.summary_lines(summary, rows[0]["chip"]):
         print(line)

@@ -20,6 +20,21 @@ def add_deploy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-layout", metavar="FFN/ATTN", help="force the prefill layout, e.g. wg-xyz/heads")
     p.add_argument("--decode-layout", metavar="FFN/ATTN", help="force the decode layout, e.g. ws2d/batch")
     p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load time")
+    add_steps_arg(p)
+
+
+STEPS_HELP_DEFAULT = 8  # meshlm.engine.DEFAULT_STEPS_PER_DISPATCH (not imported: the CLI parses before jax loads)
+
+
+def add_steps_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps-per-dispatch", type=positive_int, metavar="K",
+                   help=f"decode steps per jitted call (default {STEPS_HELP_DEFAULT}): fewer launches of the "
+                        "host's ~1 ms each; tokens stream K at a time and new requests join between calls")
+
+
+def steps_kw(args: argparse.Namespace) -> dict:
+    """deploy()'s steps_per_dispatch when --steps-per-dispatch was given (else its default)."""
+    return {"steps_per_dispatch": args.steps_per_dispatch} if args.steps_per_dispatch else {}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -70,7 +85,7 @@ def _setup(args: argparse.Namespace):
                         max_tokens=args.max_tokens, stop=tuple(args.stop))
     d = deploy(args.model, n_devices=n, mesh=mesh, prefill=args.prefill_layout, decode=args.decode_layout,
                quantize=args.quantize, max_len=args.max_len, gen_len=args.max_tokens,
-               progress=not args.no_progress)
+               progress=not args.no_progress, **steps_kw(args))
     return d, sp
 
 
