@@ -5,7 +5,8 @@ simulated devices share the cores, so a per-device number measured alone would o
 
 - matmul FLOP/s per dtype: f32, bf16, and the int8 weight path (blocked dequantization + f32 dot);
 - memory bandwidth: a matrix-vector product over a weight far larger than the caches (the access
-  pattern of a decode step);
+  pattern of a decode step), the median of passes taken in rounds at several points of the
+  calibration (`MemBandwidth`);
 - collectives: all-gather and all-reduce over all devices at several sizes; a least-squares line
   t = latency + bytes / bandwidth gives the link bandwidth and the per-collective latency;
 - the matmul curve: achieved FLOP/s against M, the rows of the activation, for the engine's weight
@@ -122,25 +123,41 @@ def measure_matmul(mesh, n: int, dtype: str, size: int) -> float:
     return 2 * size**3 / t
 
 
-def measure_mem_bw(mesh, n: int, mib_per_device: int) -> float:
+class MemBandwidth:
     """Bytes/s per device streaming an f32 weight through a matrix-vector product: the fastest
     streaming code the engine has, so MBU reads as a fraction of what is reachable. One CPU device
     with the kernels: the packed weight through kernels.packed_matmul (XLA's matvec streamed it at
-    22-36 GB/s between runs, the kernel at 38-41); otherwise XLA's matvec."""
-    cols = 4096
-    rows = mib_per_device * 2**20 // (4 * cols)
-    v = _put(mesh, jnp.ones((n, rows), jnp.float32))
-    # random values: a weight of all ones streamed 20-25% faster on this VM than real data
-    w = np.random.default_rng(0).standard_normal((n * rows, cols), np.float32)
-    if quant.packs("f32", n):
-        w = _put(mesh, jnp.asarray(quant.pack_panels(w)))
-        f = _per_device(mesh, lambda w, v: quant.dot_rows(v, w, jnp.float32), w, v)
-    else:
-        w = _put(mesh, jnp.asarray(w))
-        f = _per_device(mesh, lambda w, v: v @ w, w, v)
-    # 21 passes (~0.1 s of streaming), not 7: one slow moment of this VM moved the median of 7 by
-    # 20-40% between calibrations minutes apart
-    return rows * cols * 4 / _time(f, w, v, repeats=21)
+    22-36 GB/s between runs, the kernel at 38-41); otherwise XLA's matvec.
+
+    Passes are taken in rounds at several points of a calibration (`sample`) and the rate is the
+    median of all of them: on this VM one burst of 21 passes read 54.8 and 65.3 GB/s where bursts
+    before and after it, seconds apart, read 36-43, and a calibration that caught such a moment
+    priced every decode step ~30% too fast."""
+
+    def __init__(self, mesh, n: int, mib_per_device: int):
+        cols = 4096
+        rows = mib_per_device * 2**20 // (4 * cols)
+        self.bytes = rows * cols * 4
+        self.v = _put(mesh, jnp.ones((n, rows), jnp.float32))
+        # random values: a weight of all ones streamed 20-25% faster on this VM than real data
+        w = np.random.default_rng(0).standard_normal((n * rows, cols), np.float32)
+        if quant.packs("f32", n):
+            self.w = _put(mesh, jnp.asarray(quant.pack_panels(w)))
+            self.f = _per_device(mesh, lambda w, v: quant.dot_rows(v, w, jnp.float32), self.w, self.v)
+        else:
+            self.w = _put(mesh, jnp.asarray(w))
+            self.f = _per_device(mesh, lambda w, v: v @ w, self.w, self.v)
+        jax.block_until_ready(self.f(self.w, self.v))  # compiles
+        self.times: list[float] = []
+
+    def sample(self, passes: int) -> None:
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            jax.block_until_ready(self.f(self.w, self.v))
+            self.times.append(time.perf_counter() - t0)
+
+    def rate(self) -> float:
+        return self.bytes / statistics.median(self.times)
 
 
 def measure_collectives(mesh, n: int, sizes_bytes: list[int]) -> tuple[float, float, list]:
@@ -303,6 +320,9 @@ def attention_fields(attn: dict, mem_bw: float, flops: float, act_bytes: int) ->
             "kv_elem_s": {"prefill": 0.0, "decode": kv_dec}}
 
 
+BW_PASSES = 7  # bandwidth passes per round; rounds are taken at several points of calibrate()
+
+
 def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -316,8 +336,10 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
         log(f"matmul {dtype} {size}^3 on {n} device(s) ...")
         cal.matmul_flops[{"float32": "f32", "bfloat16": "bf16"}.get(dtype, dtype)] = measure_matmul(mesh, n, dtype, size)
     mib = (32 if quick else 128) // (n if on_cpu else 1) if on_cpu else 1024
-    log(f"memory bandwidth: matrix-vector over {mib} MiB per device ...")
-    cal.mem_bw = measure_mem_bw(mesh, n, max(mib, 4))
+    log(f"memory bandwidth: matrix-vector over {mib} MiB per device, rounds of {BW_PASSES} passes spread over the "
+        f"calibration ...")
+    bw = MemBandwidth(mesh, n, max(mib, 4))
+    bw.sample(BW_PASSES)
     if n > 1:
         sizes = [2**k for k in (range(12, 22, 3) if quick else range(12, 25, 2))]
         log(f"all-gather over {n} devices, {len(sizes)} sizes ...")
@@ -330,10 +352,18 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
     log(f"matmul curve: [M, {shape[0]}] x chained {shape[0]}x{shape[1]} weights, M in "
         f"{list(CURVE_M_QUICK if quick else CURVE_M)} ...")
     for w in (compute, "int8"):
+        bw.sample(BW_PASSES)
         cal.matmul_curve[w] = measure_matmul_curve(mesh, n, w, compute, CURVE_M_QUICK if quick else CURVE_M,
                                                    min_bytes, shape, log)
+    bw.sample(BW_PASSES)
     log("attention as the engine runs it (decode over a cache past the last-level cache, causal prefill) ...")
     cal.attention = measure_attention(mesh, n, quick, min_bytes, log)
+    bw.sample(BW_PASSES)
+    cal.mem_bw = bw.rate()
+    cal.samples["mem_bw_pass_s"] = bw.times
+    rounds = [bw.bytes / statistics.median(bw.times[i:i + BW_PASSES]) / 1e9 for i in range(0, len(bw.times), BW_PASSES)]
+    log(f"memory bandwidth {cal.mem_bw / 1e9:.1f} GB/s per device: the median of {len(bw.times)} passes (rounds: "
+        f"{', '.join(f'{r:.1f}' for r in rounds)} GB/s)")
     return cal
 
 
