@@ -507,10 +507,20 @@ def engine_samples(chip, devices=None, quick: bool = False, log=print) -> list[d
     return out
 
 
+# Long tiny-model prompts stay out of the prefill fit (their decode steps stay in): their residual
+# is attention of another shape (d_model 64, 4 x 64 heads over 2 KV) than the one
+# measure_attention prices (3 KV x 3 heads), 40-50 ms of 100-250, and fitted alongside it pushed
+# act_elem_s to 1.2-3.3 ns per element where the wide model's short prompts give 0.3-0.5 (one
+# calibration at 3.3 over-predicted every SmolLM2 prefill of a grid by 26-58%).
+FIT_PREFILL_MAX_LEN = 256
+
+
 def fit_overheads(samples: list[dict]) -> dict:
     """Non-negative least squares of (measured - base) on the regressors, each sample weighted by
-    1/measured (relative error, so the long prefills do not drown the short decode steps).
+    1/measured (relative error, so the long prefills do not drown the short decode steps), over
+    every sample but prefills longer than FIT_PREFILL_MAX_LEN.
     Returns {(field, phase): seconds} for OVERHEAD_TERMS."""
+    samples = [s for s in samples if s["phase"] != "prefill" or s["input_len"] <= FIT_PREFILL_MAX_LEN]
     A = np.array([s["regressors"] for s in samples], float)
     r = np.array([s["measured_s"] - s["base_s"] for s in samples], float)
     w = 1.0 / np.array([s["measured_s"] for s in samples], float)
