@@ -431,6 +431,7 @@ def _device_memory() -> float:
 ENGINE_RUNS = ((2, 512, 1, 16, 2, 64), (8, 512, 1, 16, 2, 64), (2, 32768, 1, 16, 2, 64), (2, 32768, 8, 16, 2, 64),
                (2, 512, 4, 1024, 2, 64), (8, 512, 2, 1024, 2, 64), (2, 512, 4, 1024, 4, 64),
                (2, 512, 16, 32, 2, 512))
+ENGINE_REPEATS = 5  # round-robin passes over the tiny models
 ENGINE_RUNS_QUICK = ((2, 512, 1, 16, 2, 64), (8, 512, 1, 16, 2, 64), (2, 4096, 4, 128, 2, 64))
 # (field, phase) of every fitted coefficient: a unit value of each gives its regressor
 OVERHEAD_TERMS = (("pass_overhead_s", "prefill"), ("layer_overhead_s", "prefill"), ("pass_overhead_s", "decode"),
@@ -473,7 +474,7 @@ def engine_samples(chip, devices=None, quick: bool = False, log=print) -> list[d
     weights = "f32" if devices[0].platform == "cpu" else "bf16"
     lay = Layout("ws2d", "heads", weights, mesh)
     layouts = {"prefill": lay, "decode": lay}
-    steps, repeats = (3, 2) if quick else (8, 5)
+    steps, repeats = (3, 2) if quick else (8, ENGINE_REPEATS)
     base_chip = _with_terms(chip, {})
     runs = ENGINE_RUNS_QUICK if quick else ENGINE_RUNS
     engines = []
