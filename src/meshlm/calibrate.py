@@ -424,13 +424,15 @@ def _device_memory() -> float:
 # engine: two depths (per-layer slope), two vocabularies and batches (sampling over B x V), short and
 # long prompts. d_model 64 keeps every weight in cache, so what the cost model (with the attention
 # terms measured directly, measure_attention) does not explain is the engine's fixed cost per pass,
-# per layer and per sampled logit. The last is as wide as a small LLM (d_model 512, 8 heads): its
-# 512 short-prompt tokens make a prefill's activation elements a large part of its time. (Fitted on
-# 4096 tokens of d_model 64, that term came out at 1.6-2.1 ns, against the ~0.7-1.6 ns SmolLM2's
-# short prefills left unexplained: narrow rows cost more per element.)
+# per layer and per sampled logit. The last two are as wide as a small LLM (d_model 512, 8 heads)
+# and identify the activation-element term: 512 tokens keep a layer's activations in the last-level
+# cache (0.3-0.45 ns per element), 4096 stream them through memory (1.2-1.45 ns). Fitted on the
+# short one alone it came out at 0.04-0.6 ns and left the bench's large prefills (8192-16384 rows)
+# under-predicted by up to 49%; on both, 0.34-0.87. (Fitted on 4096 tokens of d_model 64 it came out
+# at 1.6-2.1 ns: narrow rows cost more per element.)
 ENGINE_RUNS = ((2, 512, 1, 16, 2, 64), (8, 512, 1, 16, 2, 64), (2, 32768, 1, 16, 2, 64), (2, 32768, 8, 16, 2, 64),
                (2, 512, 4, 1024, 2, 64), (8, 512, 2, 1024, 2, 64), (2, 512, 4, 1024, 4, 64),
-               (2, 512, 16, 32, 2, 512))
+               (2, 512, 16, 32, 2, 512), (2, 512, 16, 256, 2, 512))
 ENGINE_REPEATS = 5  # round-robin passes over the tiny models
 ENGINE_RUNS_QUICK = ((2, 512, 1, 16, 2, 64), (8, 512, 1, 16, 2, 64), (2, 4096, 4, 128, 2, 64))
 # (field, phase) of every fitted coefficient: a unit value of each gives its regressor
@@ -554,7 +556,7 @@ def calibrate_engine(spec: dict, devices=None, quick: bool = False, log=print) -
     from meshlm.hardware import chip_from_dict
 
     chip = chip_from_dict(spec, where="measured spec")
-    log(f"engine fixed costs: {len(ENGINE_RUNS_QUICK if quick else ENGINE_RUNS)} tiny models (d_model 64, one 512) ...")
+    log(f"engine fixed costs: {len(ENGINE_RUNS_QUICK if quick else ENGINE_RUNS)} tiny models (d_model 64, two 512) ...")
     samples = engine_samples(chip, devices, quick, log)
     terms = fit_overheads(samples)
     coef = np.array([terms[t] for t in OVERHEAD_TERMS])
