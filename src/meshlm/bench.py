@@ -12,10 +12,10 @@ short prefills take more, up to TTFT_MAX_REPEATS within about TTFT_BUDGET_S (as 
 autorange does): the first timed prefills of a fresh deployment were at times 30-60% slower than
 the rest (int8 1 x 128: 136, 170, then 104-110 ms), and 3 of them made that the median.
 Decode is timed in each of the `repeats` runs, per dispatch of the engine's k steps (ids on the
-host; seconds per token = the dispatch's time / k), and reported as p50/p90/p99 over all of them. Python's garbage
-collector runs before the timed runs and is paused during them (as `timeit` does): a deployment is
-freed only by a collection (it holds reference cycles), and collecting the previous
-configuration's took ~160 ms inside whichever prefill or step triggered it. MFU counts the
+host; seconds per token = the dispatch's time / k), and reported as p50/p90/p99 over all of them.
+Python's garbage collector runs before the timed runs and is paused during them (as `timeit`
+does): a deployment is freed only by a collection (it holds reference cycles), and collecting the
+previous configuration's took ~160 ms inside whichever prefill or step triggered it. MFU counts the
 unpadded model FLOPs (2 N per token, the paper's definition); MBU counts the bytes one decode
 step must read per device (stored weights, times the weight-gather group, plus the whole KV cache
 the step attends over) against the chip's memory bandwidth.
