@@ -3,10 +3,11 @@
 What is measured, per device, with every device of the mesh busy at once (on a CPU host the
 simulated devices share the cores, so a per-device number measured alone would overstate them):
 
-- matmul FLOP/s per dtype: f32, bf16, and the int8 weight path (blocked dequantization + f32 dot);
+- matmul FLOP/s per dtype: f32, bf16, and the int8 weight path (blocked dequantization + f32 dot),
+  the median of passes taken in rounds at several points of the calibration;
 - memory bandwidth: a matrix-vector product over a weight far larger than the caches (the access
   pattern of a decode step), the median of passes taken in rounds at several points of the
-  calibration (`MemBandwidth`);
+  calibration (`Rounds`, as the peak matmuls);
 - collectives: all-gather and all-reduce over all devices at several sizes; a least-squares line
   t = latency + bytes / bandwidth gives the link bandwidth and the per-collective latency;
 - the matmul curve: achieved FLOP/s against M, the rows of the activation, for the engine's weight
@@ -100,8 +101,33 @@ def _put(mesh, x):
     return jax.device_put(x, NamedSharding(mesh, P("d")))
 
 
-def measure_matmul(mesh, n: int, dtype: str, size: int) -> float:
-    """FLOP/s per device of a size^3 matmul run on every device at once."""
+class Rounds:
+    """A rate (units per second of fn(*args)) measured in rounds of passes taken at several points
+    of a calibration (`sample`), the median of all of them: on this VM one burst of 21 bandwidth
+    passes read 54.8 and 65.3 GB/s where bursts seconds around it read 36-43 (a calibration that
+    caught it priced every decode step ~30% too fast), and one burst of the f32 peak read 424
+    GFLOP/s where the day's others read 332-384."""
+
+    def __init__(self, fn, args: tuple, units: float):
+        self.fn, self.args, self.units = fn, args, units
+        jax.block_until_ready(fn(*args))  # compiles
+        self.times: list[float] = []
+
+    def sample(self, passes: int) -> None:
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            jax.block_until_ready(self.fn(*self.args))
+            self.times.append(time.perf_counter() - t0)
+
+    def rate(self) -> float:
+        return self.units / statistics.median(self.times)
+
+    def round_rates(self, passes: int) -> list[float]:
+        return [self.units / statistics.median(self.times[i:i + passes]) for i in range(0, len(self.times), passes)]
+
+
+def matmul_rounds(mesh, n: int, dtype: str, size: int) -> Rounds:
+    """FLOP/s per device of a size^3 matmul ("f32", "bf16" or "int8" weights) on every device at once."""
     key = jax.random.key(0)
     if dtype == "int8":
         q = quant.quantize(np.asarray(jax.random.normal(key, (n, size, size), jnp.float32)), axis=-1)
@@ -112,52 +138,28 @@ def measure_matmul(mesh, n: int, dtype: str, size: int) -> float:
         def body(x, qv):
             return quant.dot_rows(x, qv[0], jnp.float32) * qs
 
-        f = _per_device(mesh, body, x, qv)
-        t = _time(f, x, qv)
-    else:
-        dt = jnp.dtype(dtype)
-        a = _put(mesh, jnp.ones((n * size, size), dt))
-        b = _put(mesh, jnp.ones((n * size, size), dt))
-        f = _per_device(mesh, lambda a, b: a @ b, a, b)
-        t = _time(f, a, b)
-    return 2 * size**3 / t
+        return Rounds(_per_device(mesh, body, x, qv), (x, qv), 2 * size**3)
+    dt = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
+    a = _put(mesh, jnp.ones((n * size, size), dt))
+    b = _put(mesh, jnp.ones((n * size, size), dt))
+    return Rounds(_per_device(mesh, lambda a, b: a @ b, a, b), (a, b), 2 * size**3)
 
 
-class MemBandwidth:
+def bandwidth_rounds(mesh, n: int, mib_per_device: int) -> Rounds:
     """Bytes/s per device streaming an f32 weight through a matrix-vector product: the fastest
     streaming code the engine has, so MBU reads as a fraction of what is reachable. One CPU device
     with the kernels: the packed weight through kernels.packed_matmul (XLA's matvec streamed it at
-    22-36 GB/s between runs, the kernel at 38-41); otherwise XLA's matvec.
-
-    Passes are taken in rounds at several points of a calibration (`sample`) and the rate is the
-    median of all of them: on this VM one burst of 21 passes read 54.8 and 65.3 GB/s where bursts
-    before and after it, seconds apart, read 36-43, and a calibration that caught such a moment
-    priced every decode step ~30% too fast."""
-
-    def __init__(self, mesh, n: int, mib_per_device: int):
-        cols = 4096
-        rows = mib_per_device * 2**20 // (4 * cols)
-        self.bytes = rows * cols * 4
-        self.v = _put(mesh, jnp.ones((n, rows), jnp.float32))
-        # random values: a weight of all ones streamed 20-25% faster on this VM than real data
-        w = np.random.default_rng(0).standard_normal((n * rows, cols), np.float32)
-        if quant.packs("f32", n):
-            self.w = _put(mesh, jnp.asarray(quant.pack_panels(w)))
-            self.f = _per_device(mesh, lambda w, v: quant.dot_rows(v, w, jnp.float32), self.w, self.v)
-        else:
-            self.w = _put(mesh, jnp.asarray(w))
-            self.f = _per_device(mesh, lambda w, v: v @ w, self.w, self.v)
-        jax.block_until_ready(self.f(self.w, self.v))  # compiles
-        self.times: list[float] = []
-
-    def sample(self, passes: int) -> None:
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            jax.block_until_ready(self.f(self.w, self.v))
-            self.times.append(time.perf_counter() - t0)
-
-    def rate(self) -> float:
-        return self.bytes / statistics.median(self.times)
+    22-36 GB/s between runs, the kernel at 38-41); otherwise XLA's matvec."""
+    cols = 4096
+    rows = mib_per_device * 2**20 // (4 * cols)
+    v = _put(mesh, jnp.ones((n, rows), jnp.float32))
+    # random values: a weight of all ones streamed 20-25% faster on this VM than real data
+    w = np.random.default_rng(0).standard_normal((n * rows, cols), np.float32)
+    if quant.packs("f32", n):
+        w = _put(mesh, jnp.asarray(quant.pack_panels(w)))
+        return Rounds(_per_device(mesh, lambda w, v: quant.dot_rows(v, w, jnp.float32), w, v), (w, v), rows * cols * 4)
+    w = _put(mesh, jnp.asarray(w))
+    return Rounds(_per_device(mesh, lambda w, v: v @ w, w, v), (w, v), rows * cols * 4)
 
 
 def measure_collectives(mesh, n: int, sizes_bytes: list[int]) -> tuple[float, float, list]:
@@ -320,7 +322,7 @@ def attention_fields(attn: dict, mem_bw: float, flops: float, act_bytes: int) ->
             "kv_elem_s": {"prefill": 0.0, "decode": kv_dec}}
 
 
-BW_PASSES = 7  # bandwidth passes per round; rounds are taken at several points of calibrate()
+ROUND_PASSES = 7  # passes per round of the peak matmuls and the bandwidth; rounds at 5 points of calibrate()
 
 
 def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
@@ -332,14 +334,17 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
     on_cpu = d0.platform == "cpu"
     # large enough that the rate is what a long prefill sustains (512^3 under-reads it by ~30% on CPU)
     size = (256 if quick else 1536) if on_cpu else 4096
-    for dtype in ("float32", "bfloat16", "int8"):
-        log(f"matmul {dtype} {size}^3 on {n} device(s) ...")
-        cal.matmul_flops[{"float32": "f32", "bfloat16": "bf16"}.get(dtype, dtype)] = measure_matmul(mesh, n, dtype, size)
     mib = (32 if quick else 128) // (n if on_cpu else 1) if on_cpu else 1024
-    log(f"memory bandwidth: matrix-vector over {mib} MiB per device, rounds of {BW_PASSES} passes spread over the "
-        f"calibration ...")
-    bw = MemBandwidth(mesh, n, max(mib, 4))
-    bw.sample(BW_PASSES)
+    log(f"matmul f32, bf16, int8 {size}^3 and memory bandwidth (matrix-vector over {mib} MiB) on {n} device(s), "
+        f"rounds of {ROUND_PASSES} passes spread over the calibration ...")
+    rounds = {dt: matmul_rounds(mesh, n, dt, size) for dt in ("f32", "bf16", "int8")}
+    rounds["mem"] = bandwidth_rounds(mesh, n, max(mib, 4))
+
+    def sample_rounds():
+        for r in rounds.values():
+            r.sample(ROUND_PASSES)
+
+    sample_rounds()
     if n > 1:
         sizes = [2**k for k in (range(12, 22, 3) if quick else range(12, 25, 2))]
         log(f"all-gather over {n} devices, {len(sizes)} sizes ...")
@@ -352,18 +357,21 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
     log(f"matmul curve: [M, {shape[0]}] x chained {shape[0]}x{shape[1]} weights, M in "
         f"{list(CURVE_M_QUICK if quick else CURVE_M)} ...")
     for w in (compute, "int8"):
-        bw.sample(BW_PASSES)
+        sample_rounds()
         cal.matmul_curve[w] = measure_matmul_curve(mesh, n, w, compute, CURVE_M_QUICK if quick else CURVE_M,
                                                    min_bytes, shape, log)
-    bw.sample(BW_PASSES)
+    sample_rounds()
     log("attention as the engine runs it (decode over a cache past the last-level cache, causal prefill) ...")
     cal.attention = measure_attention(mesh, n, quick, min_bytes, log)
-    bw.sample(BW_PASSES)
+    sample_rounds()
+    bw = rounds.pop("mem")
     cal.mem_bw = bw.rate()
-    cal.samples["mem_bw_pass_s"] = bw.times
-    rounds = [bw.bytes / statistics.median(bw.times[i:i + BW_PASSES]) / 1e9 for i in range(0, len(bw.times), BW_PASSES)]
-    log(f"memory bandwidth {cal.mem_bw / 1e9:.1f} GB/s per device: the median of {len(bw.times)} passes (rounds: "
-        f"{', '.join(f'{r:.1f}' for r in rounds)} GB/s)")
+    cal.matmul_flops = {dt: r.rate() for dt, r in rounds.items()}
+    cal.samples["mem_bw_pass_s"], cal.samples["f32_peak_pass_s"] = bw.times, rounds["f32"].times
+    bw_rounds, f32_rounds = (", ".join(f"{x / 1e9:.{d}f}" for x in r.round_rates(ROUND_PASSES))
+                             for r, d in ((bw, 1), (rounds["f32"], 0)))
+    log(f"memory bandwidth {cal.mem_bw / 1e9:.1f} GB/s, f32 peak {cal.matmul_flops['f32'] / 1e9:.0f} GFLOP/s per "
+        f"device: medians of {len(bw.times)} passes (rounds: {bw_rounds} GB/s; {f32_rounds} GFLOP/s)")
     return cal
 
 
