@@ -62,13 +62,9 @@ class Calibration:
 
 def _time(fn, *args, repeats: int = 7) -> float:
     """Median wall time of fn(*args) after one warm-up call (which also compiles)."""
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    r = Rounds(fn, args, 1.0)
+    r.sample(repeats)
+    return 1.0 / r.rate()
 
 
 def _interleaved(calls: list, rounds: int) -> list[float]:

@@ -196,6 +196,10 @@ class Engine:
         self.positions = self.positions + self.k
         return ids
 
+    def row_positions(self, j: int) -> np.ndarray:
+        """Each slot's position of the token in row j of the last generate()'s ids."""
+        return self.positions - self.k + j + 1
+
     def sync(self) -> None:
         """Wait for the step dispatched ahead, if any (e.g. before timing something else)."""
         jax.block_until_ready(self.cache)
@@ -261,7 +265,7 @@ class Engine:
             stats.decode_steps += self.k
             for j, row in enumerate(ids):
                 for slot, req in list(owner.items()):  # a request ended at row j ignores the rest
-                    emit, go_on = verdict(req, int(row[slot]), int(self.positions[slot]) - self.k + j + 1)
+                    emit, go_on = verdict(req, int(row[slot]), int(self.row_positions(j)[slot]))
                     if emit:
                         yield req, int(row[slot])
                     if not go_on:

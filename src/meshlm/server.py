@@ -130,7 +130,7 @@ class Scheduler:
         ids = eng.generate(ahead=ahead)  # [k, slots]: k steps per dispatch
         for j, row in enumerate(ids):
             for slot, req in list(self.active.items()):  # a request ended at row j ignores the rest
-                if not self._deliver(req, int(row[slot]), int(eng.positions[slot]) - eng.k + j + 1):
+                if not self._deliver(req, int(row[slot]), int(eng.row_positions(j)[slot])):
                     del self.active[slot]
 
     def _deliver(self, req: Job, tok: int, position: int) -> bool:
