@@ -50,6 +50,15 @@ def test_matches_float64(B, S, K, G, D):
     np.testing.assert_allclose(got, _numpy(q, k, v, pos), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("pos", [[700], [129], [0, 900, 31]])
+def test_rows_short_of_a_long_cache(pos):
+    """Rows are split into chunks by the longest attended row, not the cache length (2048)."""
+    q, k, v = _case(len(pos), 2048, 3, 3, 64, seed=2)
+    pos = np.array(pos, np.int32)
+    got = np.asarray(jax.jit(kernels.decode_attention)(q, k, v, pos))
+    np.testing.assert_allclose(got, _numpy(q, k, v, pos), rtol=2e-5, atol=2e-5)
+
+
 def test_positions_past_the_cache_and_negative_match_the_xla_masking():
     """positions >= S attend to all S; negative (a fully masked row) gives XLA's uniform average."""
     q, k, v = _case(4, 200, 2, 2, 32, seed=3)

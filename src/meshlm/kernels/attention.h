@@ -176,11 +176,17 @@ inline void decode_attend(ffi::ThreadPool& pool, int64_t B, int64_t S, int64_t K
                           float* out) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   Dims n{B, S, K, G, D, 1, S};
-  // enough chunks over S that B * P units keep every thread busy
-  n.P = std::max<int64_t>(1, std::min((S + kMinChunk - 1) / kMinChunk, (4 * threads + B - 1) / B));
-  n.chunk = (S + n.P - 1) / n.P;
-  int64_t bytes = 0;
-  for (int64_t b = 0; b < B; ++b) bytes += attended(pos[b], S) * K * D * 8;
+  int64_t bytes = 0, longest = 1;
+  for (int64_t b = 0; b < B; ++b) {
+    bytes += attended(pos[b], S) * K * D * 8;
+    longest = std::max(longest, attended(pos[b], S));
+  }
+  // enough chunks over the longest attended row (not the cache: a 200-token row in a 2048-position
+  // cache would be one chunk of 256) that B * P units keep every thread busy; one row splits into
+  // a multiple of the threads (3 chunks on 2 threads take as long as 4)
+  n.P = std::max<int64_t>(1, std::min((longest + kMinChunk - 1) / kMinChunk, (4 * threads + B - 1) / B));
+  if (B == 1 && n.P > threads) n.P -= n.P % threads;
+  n.chunk = (longest + n.P - 1) / n.P;
   const int64_t H = K * G;
   struct State {
     std::vector<float> m, l, o;  // per (b, chunk, head): the chunk's max, sum and unnormalized output

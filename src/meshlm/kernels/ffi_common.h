@@ -127,31 +127,43 @@ class Board {
   std::atomic<int64_t> open_{0}, alive_{0};
 };
 
-// Splits [0, C) into chunks aligned to `align` that the calling thread and up to threads - 1
-// helpers (Board) claim from a counter. The caller works through chunks itself, then waits only for
-// chunks a helper has already claimed (so it is never slower than running alone by more than one
-// chunk, and never waits on a thread that has not started), and returns a completed Future: XLA's
-// continuation stays on the caller's thread. Nothing ever waits for a pool thread to be scheduled,
-// so simulated devices sharing the pool cannot deadlock.
-template <typename Body>
-ffi::Future run_split(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t bytes, Body body,
-                      int64_t chunks_per_thread = kChunksPerThread) {
+// Chunk i of [0, C) split into `chunks` chunks aligned to `align`: [lo, hi).
+inline std::pair<int64_t, int64_t> chunk_range(int64_t C, int64_t align, int64_t chunks, int64_t i) {
+  const int64_t units = (C + align - 1) / align;
+  return {std::min(C, units * i / chunks * align), std::min(C, units * (i + 1) / chunks * align)};
+}
+
+// How many chunks run_split makes of [0, C): up to chunks_per_thread per thread of the pool, no
+// more than `align` units, none of less than kMinBytesPerTask of the `bytes` (1: run inline).
+inline int64_t split_chunks(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t bytes,
+                            int64_t chunks_per_thread = kChunksPerThread) {
   const int64_t units = (C + align - 1) / align;
   const int64_t threads = std::min({std::max<int64_t>(1, pool.num_threads()), units,
                                     std::max<int64_t>(1, bytes / kMinBytesPerTask)});
-  if (threads <= 1) {
-    body(0, C);
+  return threads <= 1 ? 1 : std::min(units, threads * chunks_per_thread);
+}
+
+// body(i, lo, hi) for each chunk i of [0, C) (chunk_range), claimed from a counter by the calling
+// thread and up to chunks - 1 helpers (Board). The caller works through chunks itself, then waits
+// only for chunks a helper has already claimed (so it is never slower than running alone by more
+// than one chunk, and never waits on a thread that has not started), and returns a completed
+// Future: XLA's continuation stays on the caller's thread. Nothing ever waits for a pool thread to
+// be scheduled, so simulated devices sharing the pool cannot deadlock.
+template <typename Body>
+ffi::Future run_split_indexed(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t chunks, Body body) {
+  if (chunks <= 1) {
+    body(int64_t(0), int64_t(0), C);
     return done_future();
   }
   auto job = std::make_shared<Job>();
-  job->chunks = std::min(units, threads * chunks_per_thread);
-  const int64_t chunks = job->chunks;
-  job->chunk = [&body, C, align, units, chunks](int64_t i) {
-    body(std::min(C, units * i / chunks * align), std::min(C, units * (i + 1) / chunks * align));
+  job->chunks = chunks;
+  job->chunk = [&body, C, align, chunks](int64_t i) {
+    const auto [lo, hi] = chunk_range(C, align, chunks, i);
+    body(i, lo, hi);
   };
   Board& board = Board::get();
   board.post(job);
-  board.recruit(pool, threads - 1);
+  board.recruit(pool, std::min(chunks, std::max<int64_t>(1, pool.num_threads())) - 1);
   job->drain();
   board.retire(job.get());
   while (job->finished.load(std::memory_order_acquire) < chunks) {
@@ -160,6 +172,14 @@ ffi::Future run_split(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t b
 #endif
   }
   return done_future();
+}
+
+// body(lo, hi) over [0, C) in split_chunks chunks (run_split_indexed).
+template <typename Body>
+ffi::Future run_split(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t bytes, Body body,
+                      int64_t chunks_per_thread = kChunksPerThread) {
+  return run_split_indexed(pool, C, align, split_chunks(pool, C, align, bytes, chunks_per_thread),
+                           [&body](int64_t, int64_t lo, int64_t hi) { body(lo, hi); });
 }
 
 inline std::string shape_str(ffi::Span<const int64_t> d) {

@@ -35,6 +35,8 @@ constexpr int CT = 4;    // rows of q per tile (matmul_t_rows; 2 * CT for 1-2 ro
 constexpr int RB = 32;   // rows of q per block
 constexpr int kPrefetchBytes = 256;
 constexpr int kPackedPrefetchBytes = 1024;  // 16 rows ahead in a packed panel (measured best of 512-2048)
+constexpr int64_t kStreamMaxM = 8;  // rows of x up to which a packed matmul is memory-bound (packed_split)
+constexpr int64_t kSplitRows = 16;  // a thread's share of a packed weight is a multiple of this many panel rows
 
 #ifdef MESHLM_AVX512
 
@@ -180,7 +182,7 @@ void panel_f32(const float* x, const float* buf, float* y, int64_t R, int64_t C,
 // (measured over SmolLM2's layer matrices on 2 threads: 3.3 vs 4.5 ms for the row-major q, whose
 // column chunks are strided). Two accumulator sets (even and odd rows): 8 independent FMA chains.
 template <typename W>
-void packed1(const float* x, const W* w, float* y, int64_t R) {
+void packed1(const float* x, const W* w, const float* s, float* y, int64_t R) {
   constexpr int kRowBytes = PW * sizeof(W);  // a panel row: 1 (int8) or 4 (f32) cache lines
   __m512 a[2][4];
   UNROLL for (int i = 0; i < 2; ++i)
@@ -198,15 +200,19 @@ void packed1(const float* x, const W* w, float* y, int64_t R) {
     const __m512 xb = _mm512_set1_ps(x[r]);
     UNROLL for (int j = 0; j < 4; ++j) a[0][j] = _mm512_fmadd_ps(xb, load16(w + 16 * j), a[0][j]);
   }
-  UNROLL for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + 16 * j, _mm512_add_ps(a[0][j], a[1][j]));
+  UNROLL for (int j = 0; j < 4; ++j) {
+    const __m512 sum = _mm512_add_ps(a[0][j], a[1][j]);
+    _mm512_storeu_ps(y + 16 * j, s ? _mm512_mul_ps(sum, _mm512_loadu_ps(s + 16 * j)) : sum);
+  }
 }
 
-// NM <= 4 rows of x against one packed panel w [R, PW] (contiguous): y[m, 0:PW] = x[m] @ w (y rows
-// C apart). Each row of the panel is loaded (int8: widened) once into registers and FMAd into all
-// NM rows: for a few rows (decode at batch 2-8) this streams like one row, where widening into an
-// L1 block first (panels) cost as much again (int8 batch-4 decode 2.5x batch 1).
+// NM <= 4 rows of x (xs apart) against R rows of one packed panel w [R, PW] (contiguous):
+// y[m, 0:PW] = x[m] @ w (* s) (y rows ys apart). Each row of the panel is loaded (int8: widened)
+// once into registers and FMAd into all NM rows: for a few rows (decode at batch 2-8) this streams
+// like one row, where widening into an L1 block first (panels) cost as much again (int8 batch-4
+// decode 2.5x batch 1).
 template <int NM, typename W>
-void packed_rows(const float* x, const W* w, float* y, int64_t R, int64_t C) {
+void packed_rows(const float* x, int64_t xs, const W* w, const float* s, float* y, int64_t ys, int64_t R) {
   constexpr int kRowBytes = PW * sizeof(W);
   __m512 a[NM][4];
   UNROLL for (int m = 0; m < NM; ++m)
@@ -217,12 +223,14 @@ void packed_rows(const float* x, const W* w, float* y, int64_t R, int64_t C) {
     __m512 wv[4];
     UNROLL for (int j = 0; j < 4; ++j) wv[j] = load16(w + 16 * j);
     UNROLL for (int m = 0; m < NM; ++m) {
-      const __m512 xb = _mm512_set1_ps(x[m * R + r]);
+      const __m512 xb = _mm512_set1_ps(x[m * xs + r]);
       UNROLL for (int j = 0; j < 4; ++j) a[m][j] = _mm512_fmadd_ps(xb, wv[j], a[m][j]);
     }
   }
+  __m512 sv[4];
+  UNROLL for (int j = 0; j < 4; ++j) sv[j] = s ? _mm512_loadu_ps(s + 16 * j) : _mm512_set1_ps(1.f);
   UNROLL for (int m = 0; m < NM; ++m)
-    UNROLL for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + m * C + 16 * j, a[m][j]);
+    UNROLL for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + m * ys + 16 * j, _mm512_mul_ps(a[m][j], sv[j]));
 }
 
 #else  // portable loops; GCC auto-vectorizes the inner column / row loops for the target ISA
@@ -274,21 +282,19 @@ void panel_f32(const float* x, const float* buf, float* y, int64_t R, int64_t C,
   for (int m = 0; m < NM; ++m) std::memcpy(y + m * C + c0, acc[m], w * sizeof(float));
 }
 
-template <typename W>
-void packed1(const float* x, const W* w, float* y, int64_t R) {
-  float acc[PW] = {};
-  for (int64_t r = 0; r < R; ++r, w += PW)
-    for (int c = 0; c < PW; ++c) acc[c] += x[r] * float(w[c]);
-  std::memcpy(y, acc, sizeof(acc));
-}
-
 template <int NM, typename W>
-void packed_rows(const float* x, const W* w, float* y, int64_t R, int64_t C) {
+void packed_rows(const float* x, int64_t xs, const W* w, const float* s, float* y, int64_t ys, int64_t R) {
   float acc[NM][PW] = {};
   for (int64_t r = 0; r < R; ++r, w += PW)
     for (int m = 0; m < NM; ++m)
-      for (int c = 0; c < PW; ++c) acc[m][c] += x[m * R + r] * float(w[c]);
-  for (int m = 0; m < NM; ++m) std::memcpy(y + m * C, acc[m], sizeof(acc[m]));
+      for (int c = 0; c < PW; ++c) acc[m][c] += x[m * xs + r] * float(w[c]);
+  for (int m = 0; m < NM; ++m)
+    for (int c = 0; c < PW; ++c) y[m * ys + c] = s ? acc[m][c] * s[c] : acc[m][c];
+}
+
+template <typename W>
+void packed1(const float* x, const W* w, const float* s, float* y, int64_t R) {
+  packed_rows<1>(x, R, w, s, y, PW, R);
 }
 
 #endif
@@ -376,44 +382,88 @@ inline void matmul_t_rows(const float* x, const int8_t* q, float* y, int64_t M, 
   }
 }
 
-// Columns [c_lo, c_hi) (multiples of PW) of y = x @ q for q (int8 or f32) packed panel-major
-// [C / PW, R, PW]: panel i holds columns [i PW, (i + 1) PW) of every row, contiguous. Rows of x
-// 4 at a time, each panel row from registers (packed_rows); the panel (R x 64 int8 or f32) is
-// streamed from memory by the first 4 and from L2 by the rest. Widening blocks into L1 first and
-// tiling them (panels, as the row-major kernel does) was slower at every M measured, 2-256:
-// int8 8.5 vs 2.2 ms at M = 4, 112-142 vs 81 at 256 (benchmarks/packed_matmul.py). Then y *= s per column when s is given (the int8 scales), still in cache.
+// All M rows of x (xs apart) against rows [r0, r1) of one packed panel: y[:, 0:PW] = x[:, r0:r1] @
+// panel[r0:r1] (* s), y rows ys apart. Rows of x 4 at a time, each panel row from registers
+// (packed_rows): the panel is streamed from memory by the first 4 rows and from L2 by the rest.
+// Widening blocks into L1 first and tiling them (panels, as the row-major kernel does) was slower
+// at every M measured, 2-256: int8 8.5 vs 2.2 ms at M = 4, 112-142 vs 81 at 256
+// (benchmarks/packed_matmul.py).
 template <typename W>
-void matmul_packed(const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R, int64_t C,
-                   int64_t c_lo, int64_t c_hi) {
-  for (int64_t c0 = c_lo; c0 < c_hi; c0 += PW) {
-    const W* panel = q + c0 * R;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) packed_rows<4>(x + m * R, panel, y + m * C + c0, R, C);
-    switch (M - m) {
-      case 1: packed1(x + m * R, panel, y + m * C + c0, R); break;
-      case 2: packed_rows<2>(x + m * R, panel, y + m * C + c0, R, C); break;
-      case 3: packed_rows<3>(x + m * R, panel, y + m * C + c0, R, C); break;
-      default: break;
-    }
-    if (s)
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t c = c0; c < c0 + PW; ++c) y[i * C + c] *= s[c];
+void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, float* y, int64_t ys, int64_t M,
+                int64_t r0, int64_t r1) {
+  x += r0;
+  panel += r0 * PW;
+  const int64_t n = r1 - r0;
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) packed_rows<4>(x + m * xs, xs, panel, s, y + m * ys, ys, n);
+  switch (M - m) {
+    case 1: packed1(x + m * xs, panel, s, y + m * ys, n); break;
+    case 2: packed_rows<2>(x + m * xs, xs, panel, s, y + m * ys, ys, n); break;
+    case 3: packed_rows<3>(x + m * xs, xs, panel, s, y + m * ys, ys, n); break;
+    default: break;
   }
 }
 
-// y = x @ q (* s) with the columns split over the pool's threads (ffi_common.h: run_split). A few
-// rows of x (memory-bound) take one contiguous range of panels per thread: consecutive panels are
-// adjacent in memory, so each thread reads one stream. Claimed a panel or two at a time (4 chunks
-// per thread), the two threads' reads interleaved and every panel started a new stream: a batch-1
-// int8 decode layer took 156 vs 124 us (median of ~600 calls, one process each), a step 4.7-5.1
-// vs 4.2-4.5 ms (best of 15 x 20 steps). More rows are compute-bound: smaller chunks balance a
-// helper that joins late.
+// y = x @ q (* s) for q (int8 or f32) packed panel-major [C / PW, R, PW]: panel p holds columns
+// [p PW, (p + 1) PW) of every row, contiguous, so the weight is one sequence of C / PW * R panel
+// rows. The work is split over the pool's threads (ffi_common.h: run_split) by panel rows:
+// - a few rows of x (memory-bound) take one contiguous, equal share of the weight per thread, each
+//   one sequential stream. A share may start or end inside a panel: its partial sum goes to
+//   scratch, and the caller adds the pieces of each cut panel once all shares are done. Split by
+//   whole panels instead, SmolLM2's 9-panel matrices gave one thread 5 panels and the other 4, and
+//   the caller waited 2.6 us per kernel call of 34; int8 batch-1 decode took 4.16-4.98 ms per step
+//   against 3.90-4.86 split by bytes (4 pairs of processes, alternated: 6% less). Claimed a panel or two
+//   at a time, the two threads' reads interleaved and every panel started a new stream: a layer
+//   took 156 vs 124 us, a step 4.7-5.1 vs 4.2-4.5 ms (best of 15 x 20 steps).
+// - more rows are compute-bound: whole panels, in smaller chunks that balance a helper that joins
+//   late.
 template <typename W>
 void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R,
                   int64_t C) {
-  run_split(pool, C, PW, R * C * int64_t(sizeof(W)),
-            [=](int64_t lo, int64_t hi) { matmul_packed(x, q, s, y, M, R, C, lo, hi); },
-            M <= 8 ? 1 : kChunksPerThread);
+  const int64_t panels = C / PW, bytes = R * C * int64_t(sizeof(W));
+  if (M > kStreamMaxM) {
+    run_split(pool, panels, 1, bytes, [=](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p)
+        panel_rows(x, R, q + p * R * PW, s ? s + p * PW : nullptr, y + p * PW, C, M, 0, R);
+    });
+    return;
+  }
+  const int64_t rows = panels * R;
+  const int64_t chunks = split_chunks(pool, rows, kSplitRows, bytes, 1);
+  std::vector<float> cut(chunks * 2 * M * PW);  // per share: the partial sums of its first and last panels
+  run_split_indexed(pool, rows, kSplitRows, chunks, [&](int64_t i, int64_t lo, int64_t hi) {
+    float *head = cut.data() + (2 * i) * M * PW, *tail = head + M * PW;
+    for (int64_t p = lo / R; p * R < hi; ++p) {
+      const int64_t r0 = std::max<int64_t>(lo - p * R, 0), r1 = std::min<int64_t>(hi - p * R, R);
+      if (r0 == 0 && r1 == R)
+        panel_rows(x, R, q + p * R * PW, s ? s + p * PW : nullptr, y + p * PW, C, M, 0, R);
+      else
+        panel_rows(x, R, q + p * R * PW, nullptr, r0 > 0 ? head : tail, PW, M, r0, r1);
+    }
+  });
+  // each cut panel: zero, add the pieces of the shares that touch it, then scale
+  std::vector<int64_t> touched;
+  for (int64_t i = 0; i < chunks; ++i) {
+    const auto [lo, hi] = chunk_range(rows, kSplitRows, chunks, i);
+    if (lo == hi) continue;
+    const int64_t first = lo / R, last = (hi - 1) / R;
+    const float* head = cut.data() + (2 * i) * M * PW;
+    auto add = [&](int64_t p, const float* part) {
+      if (std::find(touched.begin(), touched.end(), p) == touched.end()) {
+        touched.push_back(p);
+        for (int64_t m = 0; m < M; ++m) std::fill(y + m * C + p * PW, y + m * C + (p + 1) * PW, 0.f);
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < PW; ++c) y[m * C + p * PW + c] += part[m * PW + c];
+    };
+    if (lo % R != 0) add(first, head);                                   // starts inside `first`
+    else if (last == first && hi % R != 0) add(first, head + M * PW);    // [panel start, inside it)
+    if (last != first && hi % R != 0) add(last, head + M * PW);          // ends inside `last`
+  }
+  if (s)
+    for (int64_t p : touched)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < PW; ++c) y[m * C + p * PW + c] *= s[p * PW + c];
 }
 
 }  // namespace matmul
