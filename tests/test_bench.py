@@ -52,6 +52,22 @@ def test_cli_rows_json_and_plot(model_dir, tmp_path, capsys):
         assert r["predicted_prefill_terms"]["compute"] > 0
     assert "relative error" in text and "ws2d/batch" in text
     assert all(w in text for w in ("prefill ", "decode ", "overall "))
+    # the host check: the calibration's bandwidth pass after every configuration, beside the spec's
+    host = data["host_check"]
+    assert host["n"] == len(rows) and all(r["host_mem_bw"] > 0 for r in rows)
+    assert host["min"] <= host["median"] <= host["max"] and host["chip_spec"] == rows[0]["chip_mem_bw"] > 0
+    assert "memory bandwidth after each configuration" in text
+
+
+def test_host_check_warns_when_the_host_moved():
+    rows = [{"host_mem_bw": bw * 1e9, "chip_mem_bw": 40e9} for bw in (30, 31, 33)]
+    h = bench.host_summary(rows)
+    assert (h["n"], h["median"], h["min"], h["max"]) == (3, 31e9, 30e9, 33e9)
+    slow = bench.host_lines(h)
+    assert len(slow) == 2 and "22% slower" in slow[1] and "meshlm calibrate" in slow[1]
+    assert "faster" in bench.host_lines(bench.host_summary([{"host_mem_bw": 50e9, "chip_mem_bw": 40e9}]))[1]
+    assert len(bench.host_lines(bench.host_summary([{"host_mem_bw": 42e9, "chip_mem_bw": 40e9}]))) == 1
+    assert bench.host_summary([{"chip_mem_bw": 40e9}]) is None and bench.host_lines(None) == []
 
 
 def test_prediction_is_the_cost_model_for_what_ran(model_dir):

@@ -208,12 +208,40 @@ def configs(pairs: list[str], weights: list[str | None], batches: list[int], inp
     return [Config(p, w, b, L, gen_len) for p in pairs for w in weights for b in batches for L in input_lens]
 
 
+HOST_CHECK_PASSES = 7  # calibrate's bandwidth pass, this many times after each configuration
+
+
+class HostCheck:
+    """The calibration's memory-bandwidth pass (`calibrate.bandwidth_rounds`) on the bench's devices,
+    sampled after each configuration: whether the host still streams at the speed the chip spec
+    was calibrated at (this VM's bandwidth moved from 27 to 68 GB/s within one calibration, and a
+    calibration taken in a slow stretch over-predicted the grid after it by ~20%)."""
+
+    def __init__(self, n_devices: int | None):
+        import jax
+
+        from meshlm import calibrate
+
+        devs = jax.devices()[:n_devices or len(jax.devices())]
+        n = len(devs)
+        mib = calibrate.bandwidth_mib(n, devs[0].platform == "cpu")
+        self.rounds = calibrate.bandwidth_rounds(calibrate._mesh(devs), n, mib)
+
+    def sample(self) -> float:
+        """Bytes/s per device now: the median of HOST_CHECK_PASSES passes."""
+        k = len(self.rounds.times)
+        self.rounds.sample(HOST_CHECK_PASSES)
+        return self.rounds.units / statistics.median(self.rounds.times[k:])
+
+
 def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repeats: int = 3, log=None,
-        on_row=None, steps_per_dispatch: int | None = None) -> list[dict]:
+        on_row=None, steps_per_dispatch: int | None = None, host_check: bool = True) -> list[dict]:
     """Deploy and measure every config; one row per config (measured, predicted, errors, layouts,
-    the host's load average after it). on_row(rows so far) after each (e.g. to save partial results)."""
+    the host's load average and, with host_check, its memory bandwidth after it). on_row(rows so
+    far) after each (e.g. to save partial results)."""
     import os
 
+    check = HostCheck(n_devices) if host_check else None
     rows = []
     for c in cfgs:
         d = deploy_config(host, c, n_devices, mesh, steps_per_dispatch)
@@ -231,7 +259,9 @@ def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repea
                "predicted_decode_terms": p["decode"].breakdown,
                "predicted_decode_curve": decode_curve(d.model.cfg, d.chip, lay["decode"], d.engine.max_len,
                                                       max(64, c.batch)),
-               "loadavg_1m": os.getloadavg()[0]}
+               "loadavg_1m": os.getloadavg()[0], "chip_mem_bw": d.chip.mem_bw}
+        if check:
+            row["host_mem_bw"] = check.sample()
         rows.append(row)
         if log:
             log(format_row(row))
@@ -282,6 +312,35 @@ def summary_lines(summary: dict, chip: str) -> list[str]:
             line("overall", summary) + f"  (chip spec {chip})"]
 
 
+def host_summary(rows: list[dict]) -> dict | None:
+    """The host checks of a run (bytes/s per device): median, range, and the chip spec's bandwidth
+    the predictions used; None without checks."""
+    bws = [r["host_mem_bw"] for r in rows if "host_mem_bw" in r]
+    if not bws:
+        return None
+    return {"n": len(bws), "median": statistics.median(bws), "min": min(bws), "max": max(bws),
+            "chip_spec": rows[0]["chip_mem_bw"]}
+
+
+HOST_DRIFT_WARN = 0.15  # warn when the host's median bandwidth is this far from the spec's
+
+
+def host_lines(h: dict | None) -> list[str]:
+    """What the host checks say, and a warning when the host moved away from its calibration."""
+    if not h:
+        return []
+    gb = 1e9
+    lines = [f"memory bandwidth after each configuration: median {h['median'] / gb:.1f} GB/s per device "
+             f"({h['min'] / gb:.1f}-{h['max'] / gb:.1f} over {h['n']} checks); the chip spec says "
+             f"{h['chip_spec'] / gb:.1f}"]
+    drift = h["median"] / h["chip_spec"] - 1
+    if abs(drift) > HOST_DRIFT_WARN:
+        lines.append(f"warning: the host streams {abs(drift):.0%} {'faster' if drift > 0 else 'slower'} than when "
+                     "the chip spec was measured; memory-bound predictions are off by about as much "
+                     "(re-run `meshlm calibrate` for this host's current speed)")
+    return lines
+
+
 def decode_curve(cfg, chip, layout, max_len: int, up_to: int) -> list[list[float]]:
     """[batch, predicted seconds per decode step] at batches 1, 2, 3, 4, 6, 8, ... up to `up_to`
     over the engine's dense cache of max_len positions: the cost model's tokens/s curve."""
@@ -330,4 +389,5 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
 
 __all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "run_once", "predict",
            "utilization", "decode_bytes_per_device", "configs", "run", "on_prompts", "machine", "write_json",
-           "table", "format_row", "rel_err", "error_summary", "summary_lines", "decode_curve", "plot"]
+           "table", "format_row", "rel_err", "error_summary", "summary_lines", "HostCheck", "host_summary", "host_lines",
+           "decode_curve", "plot"]

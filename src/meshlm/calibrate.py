@@ -141,6 +141,12 @@ def matmul_rounds(mesh, n: int, dtype: str, size: int) -> Rounds:
     return Rounds(_per_device(mesh, lambda a, b: a @ b, a, b), (a, b), 2 * size**3)
 
 
+def bandwidth_mib(n: int, on_cpu: bool, quick: bool = False) -> int:
+    """MiB per device of the bandwidth pass: past the last-level cache (128 MiB shared by the simulated
+    CPU devices of one host), 1 GiB on an accelerator."""
+    return max(4, (32 if quick else 128) // n) if on_cpu else 1024
+
+
 def bandwidth_rounds(mesh, n: int, mib_per_device: int) -> Rounds:
     """Bytes/s per device streaming an f32 weight through a matrix-vector product: the fastest
     streaming code the engine has, so MBU reads as a fraction of what is reachable. One CPU device
@@ -330,11 +336,11 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
     on_cpu = d0.platform == "cpu"
     # large enough that the rate is what a long prefill sustains (512^3 under-reads it by ~30% on CPU)
     size = (256 if quick else 1536) if on_cpu else 4096
-    mib = (32 if quick else 128) // (n if on_cpu else 1) if on_cpu else 1024
+    mib = bandwidth_mib(n, on_cpu, quick)
     log(f"matmul f32, bf16, int8 {size}^3 and memory bandwidth (matrix-vector over {mib} MiB) on {n} device(s), "
         f"rounds of {ROUND_PASSES} passes spread over the calibration ...")
     rounds = {dt: matmul_rounds(mesh, n, dt, size) for dt in ("f32", "bf16", "int8")}
-    rounds["mem"] = bandwidth_rounds(mesh, n, max(mib, 4))
+    rounds["mem"] = bandwidth_rounds(mesh, n, mib)
 
     def sample_rounds():
         for r in rounds.values():

@@ -3,6 +3,7 @@ prediction for the same layouts and shapes (meshlm.bench)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from meshlm.cli import int_list, positive_int
@@ -29,6 +30,9 @@ def register(sub) -> None:
                    help="runs timed per configuration: decode in each, prefill at least this often (median; short "
                         "ones up to 9 within ~1 s)")
     add_steps_arg(p)
+    p.add_argument("--host-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="after each configuration, time the calibration's memory-bandwidth pass (<1 s in all) and "
+                        "say whether the host still runs at the chip spec's speed (default: on)")
     p.add_argument("--json", dest="json_out", help="write every row (and the error summary) to this JSON file")
     p.add_argument("--plot", help="write decode tokens/s vs batch, measured and predicted, to this PNG")
     p.set_defaults(func=run)
@@ -75,12 +79,14 @@ def run(args) -> int:
         if args.json_out:
             bench.write_json(args.json_out, {**bench.machine(), "model": host.cfg.name, "gen_len": args.gen_len,
                                              "complete": complete, "summary": bench.error_summary(rows),
+                                             "host_check": bench.host_summary(rows),
                                              "rows": rows}, quiet=not complete)
 
     rows = bench.run(host, cfgs, n_devices=n, mesh=mesh, repeats=args.repeats,
-                     log=lambda line: print(line, flush=True), on_row=save, steps_per_dispatch=args.steps_per_dispatch)
+                     log=lambda line: print(line, flush=True), on_row=save, steps_per_dispatch=args.steps_per_dispatch,
+                     host_check=args.host_check)
     summary = bench.error_summary(rows)
-    for line in bench.summary_lines(summary, rows[0]["chip"]):
+    for line in bench.summary_lines(summary, rows[0]["chip"]) + bench.host_lines(bench.host_summary(rows)):
         print(line)
     save(rows, complete=True)
     if args.plot:
