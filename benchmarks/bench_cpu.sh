@@ -1,7 +1,8 @@
 #!/bin/sh
-# Every measurement in docs/performance.md, in order (~12 minutes on the 2-core development host;
-# the comparisons first, while the host is quietest). Writes benchmarks/results/bench_cpu_*.json,
-# the decode plot and the two comparisons' JSON.
+# Every measurement in docs/performance.md, in order (~25 minutes on the 2-core development host;
+# the comparisons first, while the host is quietest). The bench grids visit every configuration 3
+# times (fresh deployments, medians of the visits): a slow stretch of this shared VM moves one visit.
+# Writes benchmarks/results/bench_cpu_*.json, the decode plot and the two comparisons' JSON.
 # MESHLM_HOME (default ~/.cache/meshlm) decides where the calibration goes and what bench reads.
 set -e
 cd "$(dirname "$0")/.."
@@ -14,10 +15,12 @@ python benchmarks/vs_llamacpp.py --batch 1,8 --prompt-len 128 --gen-len 64 --rep
 uptime
 python benchmarks/vs_transformers.py --batch 1 --prompt-len 128 --gen-len 64 --repeats 2
 uptime
-meshlm bench --batch 8 --input-len 512 --gen-len 64 --quantize none,int8 --repeats 2 --json $R/bench_cpu_prefill.json
+meshlm bench --batch 8 --input-len 512 --gen-len 64 --quantize none,int8 --repeats 1 --visits 3 \
+    --json $R/bench_cpu_prefill.json
 uptime
-meshlm bench --batch 1,4,16,64 --input-len 16,128 --gen-len 64 --quantize none,int8 --repeats 3 \
+meshlm bench --batch 1,4,16,64 --input-len 16,128 --gen-len 64 --quantize none,int8 --repeats 1 --visits 3 \
     --json $R/bench_cpu_grid.json --plot $R/bench_cpu_decode.png
 uptime
-meshlm bench --batch 1,4,16 --input-len 1024 --gen-len 64 --quantize none,int8 --repeats 3 --json $R/bench_cpu_long.json
+meshlm bench --batch 1,4,16 --input-len 1024 --gen-len 64 --quantize none,int8 --repeats 1 --visits 3 \
+    --json $R/bench_cpu_long.json
 uptime

@@ -15,7 +15,12 @@ Decode is timed in each of the `repeats` runs, per dispatch of the engine's k st
 host; seconds per token = the dispatch's time / k), and reported as p50/p90/p99 over all of them.
 Python's garbage collector runs before the timed runs and is paused during them (as `timeit`
 does): a deployment is freed only by a collection (it holds reference cycles), and collecting the
-previous configuration's took ~160 ms inside whichever prefill or step triggered it. MFU counts the
+previous configuration's took ~160 ms inside whichever prefill or step triggered it.
+With `visits` V > 1 the whole list of configurations is measured V times over, each visit a fresh
+deployment, and a configuration's TTFT and decode p50 are the medians of its visits' (p90/p99 over
+all its steps): a slow stretch of a shared host (minutes, on this VM) then lands in one visit of a
+configuration, not in all its samples (one 16 x 16 configuration ran 58-70% slow in one run of the
+earlier single-visit grid while the rest of it was within 30%). MFU counts the
 unpadded model FLOPs (2 N per token, the paper's definition); MBU counts the bytes one decode
 step must read per device (stored weights, times the weight-gather group, plus the whole KV cache
 the step attends over) against the chip's memory bandwidth.
@@ -131,7 +136,24 @@ def measure(d, c: Config, repeats: int = 3, prompt_ids: list[list[int]] | None =
             "decode_p99_s": percentile(steps, 99), "decode_mean_s": statistics.fmean(steps),
             "tokens_per_s": c.batch / p50, "first_run_s": first,
             "compile_s": max(0.0, first_ttft - ttft) + max(0.0, first_steps[0] - p50) * eng.k,
-            "ttft_repeats": len(ttfts), "steps_per_dispatch": eng.k, "prefill_shape": list(eng.stats.prefill_shape)}
+            "ttft_repeats": len(ttfts), "steps_per_dispatch": eng.k, "prefill_shape": list(eng.stats.prefill_shape),
+            "decode_steps_s": steps}
+
+
+def merge_visits(c: Config, ms: list[dict]) -> dict:
+    """One configuration's measurements over its visits: the median visit's TTFT and decode p50,
+    p90/p99/mean over every step, compile time from the first visit, each visit's numbers kept."""
+    if len(ms) == 1:
+        return ms[0]
+    steps = [s for m in ms for s in m["decode_steps_s"]]
+    p50 = statistics.median(m["decode_p50_s"] for m in ms)
+    return {"ttft_s": statistics.median(m["ttft_s"] for m in ms), "decode_p50_s": p50,
+            "decode_p90_s": max(p50, percentile(steps, 90)), "decode_p99_s": max(p50, percentile(steps, 99)),
+            "decode_mean_s": statistics.fmean(steps), "tokens_per_s": c.batch / p50,
+            "first_run_s": ms[0]["first_run_s"], "compile_s": ms[0]["compile_s"],
+            "ttft_repeats": sum(m["ttft_repeats"] for m in ms), "steps_per_dispatch": ms[0]["steps_per_dispatch"],
+            "prefill_shape": ms[0]["prefill_shape"], "decode_steps_s": steps, "visits": len(ms),
+            "ttft_visits_s": [m["ttft_s"] for m in ms], "decode_p50_visits_s": [m["decode_p50_s"] for m in ms]}
 
 
 def predict(d, c: Config) -> dict:
@@ -235,41 +257,62 @@ class HostCheck:
 
 
 def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repeats: int = 3, log=None,
-        on_row=None, steps_per_dispatch: int | None = None, host_check: bool = True) -> list[dict]:
-    """Deploy and measure every config; one row per config (measured, predicted, errors, layouts,
-    the host's load average and, with host_check, its memory bandwidth after it). on_row(rows so
-    far) after each (e.g. to save partial results)."""
+        on_row=None, steps_per_dispatch: int | None = None, host_check: bool = True, visits: int = 1,
+        progress=None) -> list[dict]:
+    """Deploy and measure every config, `visits` times over (see the module docstring); one row per
+    config (measured, predicted, errors, layouts, the host's load average and, with host_check, its
+    memory bandwidth after it: the median of the checks after its visits). log(row line) and
+    on_row(rows so far) in the last visit (e.g. to save partial results); progress(line) after each
+    configuration of the earlier visits."""
+    check = HostCheck(n_devices) if host_check else None
+    per: list[list[dict]] = [[] for _ in cfgs]
+    bws: list[list[float]] = [[] for _ in cfgs]
+    rows = []
+    for v in range(visits):
+        for i, c in enumerate(cfgs):
+            d = deploy_config(host, c, n_devices, mesh, steps_per_dispatch)
+            per[i].append(measure(d, c, repeats))
+            if check:
+                bws[i].append(check.sample())
+            if v < visits - 1:
+                if progress:
+                    m = per[i][-1]
+                    progress(f"visit {v + 1}/{visits}: {d.layouts['decode'].weights} B={c.batch} L={c.input_len}: "
+                             f"TTFT {m['ttft_s'] * 1e3:.1f} ms, decode {m['decode_p50_s'] * 1e3:.1f} ms/step")
+            else:
+                rows.append(_row(d, c, merge_visits(c, per[i]), bws[i]))
+                if log:
+                    log(format_row(rows[-1]))
+                if on_row:
+                    on_row(rows)
+            del d
+            gc.collect()  # the deployment is freed here, not in the next one's measurement
+    return rows
+
+
+def _row(d, c: Config, m: dict, bws: list[float]) -> dict:
+    """A configuration's row: what was measured beside the cost model's prediction for what ran."""
     import os
 
-    check = HostCheck(n_devices) if host_check else None
-    rows = []
-    for c in cfgs:
-        d = deploy_config(host, c, n_devices, mesh, steps_per_dispatch)
-        m = measure(d, c, repeats)
-        p = predict(d, c)
-        lay = d.layouts
-        row = {"pair": c.pair, "prefill_layout": lay["prefill"].short, "decode_layout": lay["decode"].short,
-               "mesh": str(lay["decode"].mesh), "weights": lay["decode"].weights, "batch": c.batch,
-               "input_len": c.input_len, "gen_len": c.gen_len, "chip": d.chip.name, **m, **utilization(d, c, m),
-               "predicted_ttft_s": p["ttft_s"], "predicted_decode_s": p["decode_s"],
-               "ttft_rel_err": rel_err(m["ttft_s"], p["ttft_s"]),
-               "decode_rel_err": rel_err(m["decode_p50_s"], p["decode_s"]),
-               # the predicted terms (seconds; decode: per step) say which part of a miss is which
-               "predicted_prefill_terms": p["prefill"].breakdown,
-               "predicted_decode_terms": p["decode"].breakdown,
-               "predicted_decode_curve": decode_curve(d.model.cfg, d.chip, lay["decode"], d.engine.max_len,
-                                                      max(64, c.batch)),
-               "loadavg_1m": os.getloadavg()[0], "chip_mem_bw": d.chip.mem_bw}
-        if check:
-            row["host_mem_bw"] = check.sample()
-        rows.append(row)
-        if log:
-            log(format_row(row))
-        if on_row:
-            on_row(rows)
-        del d
-        gc.collect()  # the deployment is freed here, not in the next one's measurement
-    return rows
+    p = predict(d, c)
+    lay = d.layouts
+    row = {"pair": c.pair, "prefill_layout": lay["prefill"].short, "decode_layout": lay["decode"].short,
+           "mesh": str(lay["decode"].mesh), "weights": lay["decode"].weights, "batch": c.batch,
+           "input_len": c.input_len, "gen_len": c.gen_len, "chip": d.chip.name, **m, **utilization(d, c, m),
+           "predicted_ttft_s": p["ttft_s"], "predicted_decode_s": p["decode_s"],
+           "ttft_rel_err": rel_err(m["ttft_s"], p["ttft_s"]),
+           "decode_rel_err": rel_err(m["decode_p50_s"], p["decode_s"]),
+           # the predicted terms (seconds; decode: per step) say which part of a miss is which
+           "predicted_prefill_terms": p["prefill"].breakdown,
+           "predicted_decode_terms": p["decode"].breakdown,
+           "predicted_decode_curve": decode_curve(d.model.cfg, d.chip, lay["decode"], d.engine.max_len,
+                                                  max(64, c.batch)),
+           "loadavg_1m": os.getloadavg()[0], "chip_mem_bw": d.chip.mem_bw}
+    if bws:
+        row["host_mem_bw"] = statistics.median(bws)
+        if len(bws) > 1:
+            row["host_mem_bw_visits"] = bws
+    return row
 
 
 HEADER = (f"{'layouts (prefill:decode)':34s} {'w':4s} {'B':>3s} {'L':>5s} | {'TTFT ms':>9s} {'pred':>9s} {'err':>6s} "
@@ -389,5 +432,5 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
 
 __all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "run_once", "predict",
            "utilization", "decode_bytes_per_device", "configs", "run", "on_prompts", "machine", "write_json",
-           "table", "format_row", "rel_err", "error_summary", "summary_lines", "HostCheck", "host_summary", "host_lines",
+           "table", "format_row", "rel_err", "merge_visits", "error_summary", "summary_lines", "HostCheck", "host_summary", "host_lines",
            "decode_curve", "plot"]

@@ -29,6 +29,10 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="runs timed per configuration: decode in each, prefill at least this often (median; short "
                         "ones up to 9 within ~1 s)")
+    p.add_argument("--visits", type=positive_int, default=1,
+                   help="measure the whole list of configurations this many times over, each visit a fresh "
+                        "deployment; a configuration's TTFT and decode p50 are the medians of its visits' (3 keeps "
+                        "a slow stretch of a shared host out of the numbers; default: 1)")
     add_steps_arg(p)
     p.add_argument("--host-check", action=argparse.BooleanOptionalAction, default=True,
                    help="after each configuration, time the calibration's memory-bandwidth pass (<1 s in all) and "
@@ -78,13 +82,14 @@ def run(args) -> int:
         """Every row so far (a long grid killed midway keeps what it measured)."""
         if args.json_out:
             bench.write_json(args.json_out, {**bench.machine(), "model": host.cfg.name, "gen_len": args.gen_len,
-                                             "complete": complete, "summary": bench.error_summary(rows),
+                                             "repeats": args.repeats, "visits": args.visits, "complete": complete, "summary": bench.error_summary(rows),
                                              "host_check": bench.host_summary(rows),
                                              "rows": rows}, quiet=not complete)
 
     rows = bench.run(host, cfgs, n_devices=n, mesh=mesh, repeats=args.repeats,
                      log=lambda line: print(line, flush=True), on_row=save, steps_per_dispatch=args.steps_per_dispatch,
-                     host_check=args.host_check)
+                     host_check=args.host_check, visits=args.visits,
+                     progress=lambda line: print(line, file=sys.stderr, flush=True))
     summary = bench.error_summary(rows)
     for line in bench.summary_lines(summary, rows[0]["chip"]) + bench.host_lines(bench.host_summary(rows)):
         print(line)
