@@ -1,5 +1,5 @@
 #!/bin/sh
-# Every measurement in docs/performance.md, in order (~25 minutes on the 2-core development host;
+# Every measurement in docs/performance.md, in order (~30 minutes on the 2-core development host;
 # the comparisons first, while the host is quietest). The bench grids visit every configuration 3
 # times (fresh deployments, medians of the visits): a slow stretch of this shared VM moves one visit.
 # Writes benchmarks/results/bench_cpu_*.json, the decode plot and the two comparisons' JSON.
