@@ -132,27 +132,29 @@ def measure(d, c: Config, repeats: int = 3, prompt_ids: list[list[int]] | None =
             gc.enable()
     ttft = statistics.median(ttfts)
     p50 = percentile(steps, 50)
-    return {"ttft_s": ttft, "decode_p50_s": p50, "decode_p90_s": percentile(steps, 90),
-            "decode_p99_s": percentile(steps, 99), "decode_mean_s": statistics.fmean(steps),
-            "tokens_per_s": c.batch / p50, "first_run_s": first,
+    return {"ttft_s": ttft, **decode_stats(c.batch, steps, p50), "first_run_s": first,
             "compile_s": max(0.0, first_ttft - ttft) + max(0.0, first_steps[0] - p50) * eng.k,
-            "ttft_repeats": len(ttfts), "steps_per_dispatch": eng.k, "prefill_shape": list(eng.stats.prefill_shape),
-            "decode_steps_s": steps}
+            "ttft_repeats": len(ttfts), "steps_per_dispatch": eng.k, "prefill_shape": list(eng.stats.prefill_shape)}
+
+
+def decode_stats(batch: int, steps: list[float], p50: float) -> dict:
+    """The decode numbers of a configuration: its timed steps (seconds per token), its p50 (given:
+    over several visits, the median visit's), p90/p99 (never below it) and mean over every step."""
+    return {"decode_p50_s": p50, "decode_p90_s": max(p50, percentile(steps, 90)),
+            "decode_p99_s": max(p50, percentile(steps, 99)), "decode_mean_s": statistics.fmean(steps),
+            "tokens_per_s": batch / p50, "decode_steps_s": steps}
 
 
 def merge_visits(c: Config, ms: list[dict]) -> dict:
     """One configuration's measurements over its visits: the median visit's TTFT and decode p50,
-    p90/p99/mean over every step, compile time from the first visit, each visit's numbers kept."""
+    p90/p99/mean over every step, compile time and shapes from the first visit, each visit's
+    TTFT and p50 kept."""
     if len(ms) == 1:
         return ms[0]
     steps = [s for m in ms for s in m["decode_steps_s"]]
-    p50 = statistics.median(m["decode_p50_s"] for m in ms)
-    return {"ttft_s": statistics.median(m["ttft_s"] for m in ms), "decode_p50_s": p50,
-            "decode_p90_s": max(p50, percentile(steps, 90)), "decode_p99_s": max(p50, percentile(steps, 99)),
-            "decode_mean_s": statistics.fmean(steps), "tokens_per_s": c.batch / p50,
-            "first_run_s": ms[0]["first_run_s"], "compile_s": ms[0]["compile_s"],
-            "ttft_repeats": sum(m["ttft_repeats"] for m in ms), "steps_per_dispatch": ms[0]["steps_per_dispatch"],
-            "prefill_shape": ms[0]["prefill_shape"], "decode_steps_s": steps, "visits": len(ms),
+    return {**ms[0], "ttft_s": statistics.median(m["ttft_s"] for m in ms),
+            **decode_stats(c.batch, steps, statistics.median(m["decode_p50_s"] for m in ms)),
+            "ttft_repeats": sum(m["ttft_repeats"] for m in ms), "visits": len(ms),
             "ttft_visits_s": [m["ttft_s"] for m in ms], "decode_p50_visits_s": [m["decode_p50_s"] for m in ms]}
 
 
@@ -432,5 +434,5 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
 
 __all__ = ["Config", "load_host", "prompts", "deploy_config", "measure", "run_once", "predict",
            "utilization", "decode_bytes_per_device", "configs", "run", "on_prompts", "machine", "write_json",
-           "table", "format_row", "rel_err", "merge_visits", "error_summary", "summary_lines", "HostCheck", "host_summary", "host_lines",
-           "decode_curve", "plot"]
+           "table", "format_row", "rel_err", "decode_stats", "merge_visits", "error_summary", "summary_lines",
+           "HostCheck", "host_summary", "host_lines", "decode_curve", "plot"]

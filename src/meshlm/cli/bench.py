@@ -82,7 +82,8 @@ def run(args) -> int:
         """Every row so far (a long grid killed midway keeps what it measured)."""
         if args.json_out:
             bench.write_json(args.json_out, {**bench.machine(), "model": host.cfg.name, "gen_len": args.gen_len,
-                                             "repeats": args.repeats, "visits": args.visits, "complete": complete, "summary": bench.error_summary(rows),
+                                             "repeats": args.repeats, "visits": args.visits, "complete": complete,
+                                             "summary": bench.error_summary(rows),
                                              "host_check": bench.host_summary(rows),
                                              "rows": rows}, quiet=not complete)
 
