@@ -28,7 +28,10 @@ demo: install
 	$(BIN)/meshlm demo
 
 test: install-test
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests -n 2
+	# --dist loadfile: a test file runs in one worker, so the two workers never run the real
+	# model's weight-gathered layouts at the same time (each peaks at ~12 GB; together they were
+	# OOM-killed on this 23 GiB VM)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
