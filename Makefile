@@ -29,8 +29,8 @@ demo: install
 
 test: install-test
 	# --dist loadfile: a test file runs in one worker, so the two workers never run the real
-	# model's weight-gathered layouts at the same time (each peaks at ~12 GB; together they were
-	# OOM-killed on this 23 GiB VM)
+	# model's weight-gathered layouts at the same time (GBs of transient buffers each,
+	# docs/performance.md "Not done"; two at once were OOM-killed on this 23 GiB VM)
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests -n 2 --dist loadfile
 
 clean:

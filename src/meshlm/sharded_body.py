@@ -43,6 +43,7 @@ class Body:
         self.wg_e = ("x",) if "x" in wg else ()
         self.wg_c = tuple(a for a in ZY if a in wg)
         self.nblk = m.size("".join(self.wg_c))
+        self.gathers_weights = bool(self.wg_e or self.wg_c)
         self.split_x = layout.ffn in ("ws1d", "ws2d")  # F blocks further split over x after the input
         self.cm = layout.collective_matmul
         self.att_ba = live(comm.attention_axes(layout)[0])
@@ -362,8 +363,15 @@ class Body:
         # Layers unrolled over per-layer weight and cache leaves: XLA:CPU copies a layer's slice out
         # of a stacked [Y, ...] array (in a scan or not) before using it; separate buffers are read
         # in place, and the donated cache arrays are updated in place (only the new rows written).
-        for lw, ck, cv in zip(params["layers"], cache["k"], cache["v"]):
-            c = (ck, cv)
+        layers = list(params["layers"])
+        for i, (ck, cv) in enumerate(zip(cache["k"], cache["v"])):
+            if self.gathers_weights and i + 1 < len(layers):
+                # The next layer's weights wait for this layer's input: its gathers overlap this
+                # layer (§3.5) and at most two layers' gathered weights are live. Unordered,
+                # XLA:CPU issued every layer's gathers up front: the real model on 2x2x2 under
+                # wg-xyz/heads held ~8.5 GB of gathered weights at once.
+                x, layers[i + 1] = lax.optimization_barrier((x, layers[i + 1]))
+            lw, c = layers[i], (ck, cv)
             for u in self.geo.units:
                 if u.has_attn:
                     x, c = self.unit(u, x, lw, c, rows)
