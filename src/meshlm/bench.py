@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -198,7 +199,6 @@ def on_prompts(host, ids: list[list[int]], weights: str | None, gen_len: int, re
 
 def machine() -> dict:
     """Where and when a measurement ran (date, CPU, cores, devices, 1-minute load average)."""
-    import os
     import platform
 
     import jax
@@ -214,7 +214,6 @@ def machine() -> dict:
 
 def write_json(path: str, obj: dict, quiet: bool = False) -> None:
     import json
-    import os
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -294,8 +293,6 @@ def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repea
 
 def _row(d, c: Config, m: dict, bws: list[float]) -> dict:
     """A configuration's row: what was measured beside the cost model's prediction for what ran."""
-    import os
-
     p = predict(d, c)
     lay = d.layouts
     row = {"pair": c.pair, "prefill_layout": lay["prefill"].short, "decode_layout": lay["decode"].short,
