@@ -129,7 +129,21 @@ def test_cli_visits(model_dir, tmp_path, capsys):
         assert r["ttft_s"] == pytest.approx(sum(r["ttft_visits_s"]) / 2)  # the median of two
 
 
-@pytest.mark.parametrize("args, msg", [(["--quantize", "int4"], "--quantize"),
+def test_cli_kv_cache_formats(model_dir, tmp_path, capsys):
+    """--kv-cache auto,bf16: one row per format; the bf16 rows' engine holds a bf16 cache, priced
+    and counted (MBU) at 2 bytes per element, the auto rows f32 (CPU's activation dtype)."""
+    out = tmp_path / "kv.json"
+    assert main(["bench", "--model", str(model_dir), "--batch", "2", "--input-len", "6", "--gen-len", "4",
+                 "--kv-cache", "auto,bf16", "--repeats", "1", "--no-host-check", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kv_cache"] for r in rows] == ["f32", "bf16"] and "f32/bf16" in text and "f32/f32" in text
+    f32, bf16 = (r["predicted_decode_terms"] for r in rows)
+    assert bf16["kv_load"] == pytest.approx(f32["kv_load"] / 2, rel=1e-12) and f32["kv_load"] > 0
+    assert rows[1]["decode_mbu"] * rows[1]["decode_p50_s"] < rows[0]["decode_mbu"] * rows[0]["decode_p50_s"]
+
+
+@pytest.mark.parametrize("args, msg", [(["--quantize", "int4"], "--quantize"), (["--kv-cache", "f16"], "--kv-cache"),
                                        (["--layouts", "ws2d/heads"], "PREFILL:DECODE")])
 def test_bad_input_is_one_line(model_dir, capsys, args, msg):
     assert main(["bench", "--model", str(model_dir), "--batch", "1", "--input-len", "4", "--gen-len", "2",

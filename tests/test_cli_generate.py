@@ -43,6 +43,17 @@ def test_json_output_matches_the_reference_engine(capsys, model_dir):
     assert out["latency"]["decode"]["predicted_s_per_token"] > 0
 
 
+def test_bf16_kv_cache_on_one_and_eight_devices(capsys, model_dir):
+    """--kv-cache bf16: the layouts say so, and the fused one-device path and the sharded XLA path
+    (prefill wg-xyz, decode ws2d on 2x2x2) generate the same greedy tokens."""
+    one = run_json(capsys, "--model", str(model_dir), "--max-tokens", "8", "--kv-cache", "bf16", "--quantize", "int8")
+    eight = run_json(capsys, "--model", str(model_dir), "--max-tokens", "8", "--kv-cache", "bf16", "--quantize",
+                     "int8", "--devices", "8", "--mesh", "2x2x2", "--prefill-layout", "wg-xyz/heads",
+                     "--decode-layout", "ws2d/batch")
+    assert one["layouts"]["decode"]["kv_cache"] == eight["layouts"]["prefill"]["kv_cache"] == "bf16"
+    assert one["token_ids"] == eight["token_ids"] and len(one["token_ids"]) == 8
+
+
 def test_streamed_text_equals_json_text(capsys, model_dir):
     args = ["--model", str(model_dir), "--max-tokens", "7", "--temperature", "0.9", "--top-k", "20", "--seed", "4"]
     want = run_json(capsys, *args)["text"]

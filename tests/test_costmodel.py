@@ -248,3 +248,30 @@ def test_prefill_score_cost_is_read_at_the_sequences_per_chip():
     split = Layout("wg-xyz", "batch", "f32", MeshShape(2, 2, 2))
     p = estimate(cfg, chip, split, "prefill", 8, L, 1)
     assert p.breakdown["score_load"] == pytest.approx(4e-9 * 8 * L * L * H * Y / 8, rel=1e-9)
+
+
+def test_kv_cache_format_sets_the_bytes_read_held_and_the_measured_extra():
+    """A bf16 cache on an f32 (act_bytes 4) chip: half the KV bytes read per step, half the cache
+    held, and the calibrated per-element extra (measured on an f32 cache) priced per byte; an f32
+    cache on a bf16 accelerator doubles them."""
+    cfg = preset("palm-62b")
+    chip = calibrated(kv_elem_s=(("decode", 3e-10),))
+    f32, bf16 = (estimate(cfg, chip, Layout("ws2d", "heads", "f32", ONE, kv_cache=kv), "decode", 8, 1024, 16)
+                 for kv in (None, "bf16"))
+    for term in ("kv_load", "kv_extra"):
+        assert bf16.breakdown[term] == pytest.approx(f32.breakdown[term] / 2, rel=1e-12) and f32.breakdown[term] > 0
+    assert bf16.memory["kv_cache"] == pytest.approx(f32.memory["kv_cache"] / 2, rel=1e-12)
+    assert bf16.memory["weights"] == f32.memory["weights"] and bf16.latency_s < f32.latency_s
+    same = estimate(cfg, chip, Layout("ws2d", "heads", "f32", ONE, kv_cache="f32"), "decode", 8, 1024, 16)
+    assert same.latency_s == f32.latency_s  # f32 is this chip's activation dtype anyway
+    tpu = [estimate(cfg, V4, Layout("ws2d", "batch", "bf16", MeshShape(2, 2, 2), kv_cache=kv), "decode", 64, 2048, 8)
+           for kv in (None, "f32")]
+    assert tpu[1].memory["kv_cache"] == pytest.approx(2 * tpu[0].memory["kv_cache"], rel=1e-12)
+
+
+def test_layout_kv_cache_format_is_checked_and_shown():
+    lay = Layout("ws2d", "heads", "int8", ONE, kv_cache="bf16")
+    assert str(lay).endswith("+kv-bf16") and lay.to_dict()["kv_cache"] == "bf16" and lay.short == "ws2d/heads"
+    assert "+kv" not in str(Layout("ws2d", "heads", "int8", ONE))
+    with pytest.raises(MeshlmError, match="KV cache format 'int8'"):
+        Layout("ws2d", "heads", "int8", ONE, kv_cache="int8")

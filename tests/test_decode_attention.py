@@ -96,3 +96,33 @@ def test_inside_shard_map_batch_sharded_on_8_devices():
     f = jax.jit(jax.shard_map(attend_one, mesh=mesh, in_specs=(P("x"),) * 4, out_specs=P("x")))
     got = np.asarray(f(put(q), put(k), put(v), put(pos)))
     np.testing.assert_allclose(got, _numpy(q, k, v, pos), rtol=2e-5, atol=2e-5)
+
+
+# D = 64 and 128 take the grouped bf16 path (each row widened once per KV head), D = 40 the per-head
+# one; G = 1, 3, 8 query heads per KV head
+@pytest.mark.parametrize("B,S,K,G,D", [(2, 300, 3, 3, 64), (1, 1500, 2, 1, 128), (3, 90, 1, 8, 40), (1, 5, 3, 3, 64)])
+def test_bf16_cache_read_as_stored_matches_float64_of_its_values(B, S, K, G, D):
+    """A bf16 cache is read in place (half the bytes) and widened exactly: the result is the
+    float64 attention over the bf16 values themselves, to f32 rounding."""
+    q, k, v = _case(B, S, K, G, D, seed=11)
+    kb, vb = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+    pos = np.random.default_rng(12).integers(0, S, B).astype(np.int32)
+    pos[0] = S - 1
+    got = np.asarray(jax.jit(kernels.decode_attention)(q, kb, vb, pos))
+    want = _numpy(q, np.asarray(kb, np.float32), np.asarray(vb, np.float32), pos)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    # and not the attention over the f32 values it was rounded from (bf16 keeps 8 bits)
+    assert np.max(np.abs(got - _numpy(q, k, v, pos))) > 1e-3
+
+
+def test_attend_one_reads_a_bf16_cache_in_place_with_f32_queries():
+    """f32 queries against a bf16 cache: the kernel, with no f32 copy of the cache in the program."""
+    q, k, v = _case(2, 64, 3, 3, 64, seed=13)
+    kb, vb = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+    pos = np.array([10, 63], np.int32)
+    hlo = jax.jit(attend_one).lower(q, kb, vb, pos).compile().as_text()
+    assert "meshlm_decode_attention" in hlo and "f32[2,64,3,64]" not in hlo
+    mask = np.arange(64)[None, None, :] <= pos[:, None, None]
+    want = attend(jnp.asarray(q)[:, None], kb, vb, jnp.asarray(mask))[:, 0]
+    np.testing.assert_allclose(np.asarray(jax.jit(attend_one)(q, kb, vb, pos)), np.asarray(want), rtol=1e-5,
+                               atol=1e-5)

@@ -98,3 +98,39 @@ def test_not_fused_where_its_conditions_fail(weights, mesh):
     params = sm.shard_params(reference_run(cfg)[0], weights)
     assert not any(isinstance(w, dict) and "p" in w for w in params["layers"][0].values())
     assert "meshlm_decoder_layer" not in _decode_hlo(sm, params, Layout("ws2d", "batch", weights, mesh))
+
+
+def test_bf16_cache_fused_equals_unfused_and_rounds_writes_to_nearest_even(monkeypatch):
+    """A layout with kv_cache="bf16" caches in bf16 on both paths: the fused layer (packed int8)
+    agrees with the XLA path (row-major int8) to bf16 rounding of the cache, and the rows it
+    writes in layer 0 (inputs independent of the cache) are exactly the f32 run's rows rounded to
+    nearest even, as XLA's convert (truncation would differ in about half of them)."""
+    cfg = preset("tiny-llama")
+    sm = ShardedModel(cfg, M1)
+    params = reference_run(cfg)[0]
+    packed = sm.shard_params(params, "int8")
+    with monkeypatch.context() as m:
+        m.setattr(quant.kernels, "enabled", lambda: False)
+        plain = sm.shard_params(params, "int8")
+    B = 4
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (B, 9), 0, cfg.vocab, dtype=jnp.int32)
+    lengths = jnp.array([9, 5, 1, 7], jnp.int32)
+    positions = jnp.array([9, 5, 1, 7], jnp.int32)
+    runs = {}
+    for name, p, kv in (("plain", plain, "bf16"), ("fused", packed, "bf16"), ("fused32", packed, None)):
+        layout = Layout("ws2d", "heads", "int8", M1, kv_cache=kv)
+        assert ("meshlm_decoder_layer" in _decode_hlo(sm, p, layout, batch=B)) == (name != "plain")
+        cache = sm.init_cache(layout, B, S)
+        assert cache["k"][0].dtype == (jnp.bfloat16 if kv else jnp.float32)
+        _, cache = sm.prefill(layout, p, tokens, lengths, cache)
+        logits, cache = sm.decode(layout, p, cache, jnp.array([3, 5, 7, 11], jnp.int32), positions)
+        assert cache["k"][0].dtype == (jnp.bfloat16 if kv else jnp.float32)
+        runs[name] = (np.asarray(logits), {n: a.astype(np.float32) for n, a in sm.cache_to_reference(cache, B).items()})
+    (lp, cp), (lf, cf), (l32, c32) = runs["plain"], runs["fused"], runs["fused32"]
+    np.testing.assert_allclose(lf, lp, atol=2e-3, rtol=0)
+    assert np.max(np.abs(lf - l32)) > 0  # the bf16 cache is what the layer attended over
+    for n in ("k", "v"):
+        np.testing.assert_allclose(cf[n], cp[n], rtol=2 ** -7, atol=1e-6)
+        rows = cf[n][0, np.arange(B), np.asarray(positions)]
+        want = c32[n][0, np.arange(B), np.asarray(positions)].astype(jnp.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(rows, want)

@@ -51,6 +51,7 @@ class Config:
     batch: int
     input_len: int
     gen_len: int
+    kv_cache: str | None = None  # the KV cache's format (layouts.KV_FORMATS); None: the activation dtype
 
 
 def load_host(model: str = "default", progress: bool = False):
@@ -78,7 +79,7 @@ def deploy_config(host, c: Config, n_devices: int | None = None, mesh=None, step
     return deploy(host.source, n_devices=n_devices, mesh=mesh, prefill=pre, decode=dec, quantize=c.weights,
                   slots=c.batch, max_len=c.input_len + c.gen_len, batch=c.batch, input_len=c.input_len,
                   gen_len=c.gen_len, progress=False, host=host,
-                  steps_per_dispatch=steps_per_dispatch or DEFAULT_STEPS_PER_DISPATCH)
+                  steps_per_dispatch=steps_per_dispatch or DEFAULT_STEPS_PER_DISPATCH, kv_cache=c.kv_cache)
 
 
 def _split_pair(pair: str) -> tuple[str, str]:
@@ -227,8 +228,16 @@ def rel_err(measured: float, predicted: float) -> float:
 
 
 def configs(pairs: list[str], weights: list[str | None], batches: list[int], input_lens: list[int],
-            gen_len: int) -> list[Config]:
-    return [Config(p, w, b, L, gen_len) for p in pairs for w in weights for b in batches for L in input_lens]
+            gen_len: int, kv_caches: list[str | None] = (None,)) -> list[Config]:
+    return [Config(p, w, b, L, gen_len, kv) for p in pairs for w in weights for kv in kv_caches for b in batches
+            for L in input_lens]
+
+
+def cache_format(d) -> str:
+    """The KV cache's element format as the engine holds it ("f32", "bf16")."""
+    import jax
+
+    return {"float32": "f32", "bfloat16": "bf16"}.get(str(jax.tree.leaves(d.engine.cache)[0].dtype), "?")
 
 
 HOST_CHECK_PASSES = 7  # calibrate's bandwidth pass, this many times after each configuration
@@ -278,7 +287,8 @@ def run(host, cfgs: list[Config], n_devices: int | None = None, mesh=None, repea
             if v < visits - 1:
                 if progress:
                     m = per[i][-1]
-                    progress(f"visit {v + 1}/{visits}: {d.layouts['decode'].weights} B={c.batch} L={c.input_len}: "
+                    progress(f"visit {v + 1}/{visits}: {d.layouts['decode'].weights}/{cache_format(d)} B={c.batch} "
+                             f"L={c.input_len}: "
                              f"TTFT {m['ttft_s'] * 1e3:.1f} ms, decode {m['decode_p50_s'] * 1e3:.1f} ms/step")
             else:
                 rows.append(_row(d, c, merge_visits(c, per[i]), bws[i]))
@@ -296,7 +306,8 @@ def _row(d, c: Config, m: dict, bws: list[float]) -> dict:
     p = predict(d, c)
     lay = d.layouts
     row = {"pair": c.pair, "prefill_layout": lay["prefill"].short, "decode_layout": lay["decode"].short,
-           "mesh": str(lay["decode"].mesh), "weights": lay["decode"].weights, "batch": c.batch,
+           "mesh": str(lay["decode"].mesh), "weights": lay["decode"].weights, "kv_cache": cache_format(d),
+           "batch": c.batch,
            "input_len": c.input_len, "gen_len": c.gen_len, "chip": d.chip.name, **m, **utilization(d, c, m),
            "predicted_ttft_s": p["ttft_s"], "predicted_decode_s": p["decode_s"],
            "ttft_rel_err": rel_err(m["ttft_s"], p["ttft_s"]),
@@ -314,7 +325,7 @@ def _row(d, c: Config, m: dict, bws: list[float]) -> dict:
     return row
 
 
-HEADER = (f"{'layouts (prefill:decode)':34s} {'w':4s} {'B':>3s} {'L':>5s} | {'TTFT ms':>9s} {'pred':>9s} {'err':>6s} "
+HEADER = (f"{'layouts (prefill:decode)':34s} {'w/kv':9s} {'B':>3s} {'L':>5s} | {'TTFT ms':>9s} {'pred':>9s} {'err':>6s} "
           f"| {'decode ms p50/p90/p99':>22s} {'pred':>7s} {'err':>6s} | {'tok/s':>7s} {'MFU pre':>7s} {'MBU dec':>7s} "
           f"| {'compile s':>9s}")
 
@@ -322,7 +333,8 @@ HEADER = (f"{'layouts (prefill:decode)':34s} {'w':4s} {'B':>3s} {'L':>5s} | {'TT
 def format_row(r: dict) -> str:
     lay = f"{r['prefill_layout']}:{r['decode_layout']}@{r['mesh']}"
     ms = 1e3
-    return (f"{lay:34s} {r['weights']:4s} {r['batch']:3d} {r['input_len']:5d} | {r['ttft_s'] * ms:9.1f} "
+    wkv = f"{r['weights']}/{r.get('kv_cache', '?')}"
+    return (f"{lay:34s} {wkv:9s} {r['batch']:3d} {r['input_len']:5d} | {r['ttft_s'] * ms:9.1f} "
             f"{r['predicted_ttft_s'] * ms:9.1f} {r['ttft_rel_err']:+6.0%} | "
             f"{r['decode_p50_s'] * ms:6.1f}/{r['decode_p90_s'] * ms:6.1f}/{r['decode_p99_s'] * ms:6.1f} "
             f"{r['predicted_decode_s'] * ms:7.1f} {r['decode_rel_err']:+6.0%} | {r['tokens_per_s']:7.1f} "
@@ -403,7 +415,8 @@ def plot(rows: list[dict], path: str, chip=None) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["weights"], r["input_len"], r["decode_layout"], r["mesh"]), []).append(r)
+        w = r["weights"] + (f"/kv-{r['kv_cache']}" if r.get("kv_cache", "f32") != "f32" else "")
+        groups.setdefault((w, r["input_len"], r["decode_layout"], r["mesh"]), []).append(r)
     for (w, L, dec, mesh), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["batch"])
         b = [r["batch"] for r in rs]

@@ -75,7 +75,7 @@ def _kv_bytes_at(cfg: ModelConfig, layout: Layout, batch: int, seq_len: int, ele
 
 
 def kv_bytes(cfg: ModelConfig, layout: Layout, batch: int, seq_len: int, elem: int = KV_BYTES) -> float:
-    """KV-cache bytes per chip (elem: bytes per element, the chip's act_bytes)."""
+    """KV-cache bytes per chip (elem: bytes per element, layout.kv_elem_bytes(chip.act_bytes))."""
     return _affine_in_batch(lambda b: (_kv_bytes_at(cfg, layout, b, seq_len, elem),), layout, batch)[0]
 
 
@@ -304,6 +304,8 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     # materialised (and masked, softmaxed) at a measured cost per score, and every pass has fixed
     # costs plus sampling over the B x V logits.
     scores = chip.score_elem(phase, b_served / split) * tokens * kv_len * h_served * cfg.n_layers / n
+    # kv_elem_s was measured per element of an act_bytes cache: priced per byte read, so a narrower
+    # cache (bf16 on CPU) costs in proportion to the bytes it streams
     kv_extra = dict(chip.kv_elem_s).get(phase, 0.0) * kv_bytes_dev / chip.act_bytes
     overhead = (chip.overhead_s(phase, cfg.n_layers) + chip.logit_elem_s * b_served * cfg.vocab
                 + dict(chip.act_elem_s).get(phase, 0.0) * tokens * layer_act_elems(cfg) * cfg.n_layers / n)
@@ -317,7 +319,7 @@ def memory_per_chip(cfg: ModelConfig, layout: Layout, phase: str, batch: int, in
     mesh, plan = layout.mesh, layout.plan
     weights = weight_bytes(cfg, layout)
     seq = input_len + (gen_len if phase == "decode" else 0)
-    kv = kv_bytes(cfg, layout, batch, seq, act_bytes)
+    kv = kv_bytes(cfg, layout, batch, seq, layout.kv_elem_bytes(act_bytes))
     # The largest weight matrix after its gather (weight-gathered layouts), double-buffered so
     # the next gather overlaps this matmul (§3.5).
     gather = mesh.size(plan.weight_gather)
@@ -347,15 +349,16 @@ def estimate(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, batch
         if not isinstance(v, int) or v < 1:
             raise MeshlmError(f"{what} must be a positive integer, got {v!r}")
     n = layout.mesh.n
+    kv_elem = layout.kv_elem_bytes(chip.act_bytes)
     if phase == "prefill":
-        kv_dev = kv_bytes(cfg, layout, batch, input_len, chip.act_bytes)
+        kv_dev = kv_bytes(cfg, layout, batch, input_len, kv_elem)
         step = forward_pass(cfg, chip, layout, phase, batch, input_len, input_len, kv_dev, logits)
         steps, tokens = 1, batch * input_len
     else:
         # Every term is affine in the context length, so the sum over the gen_len steps equals
         # gen_len times the step at the mean context (exact, and O(1) for the planner's sweeps).
-        kv_first = kv_bytes(cfg, layout, batch, input_len + 1, chip.act_bytes)
-        kv_last = kv_bytes(cfg, layout, batch, input_len + gen_len, chip.act_bytes)
+        kv_first = kv_bytes(cfg, layout, batch, input_len + 1, kv_elem)
+        kv_last = kv_bytes(cfg, layout, batch, input_len + gen_len, kv_elem)
         s_mean = input_len + (gen_len + 1) / 2
         step = forward_pass(cfg, chip, layout, phase, batch, 1, s_mean, (kv_first + kv_last) / 2)
         steps, tokens = gen_len, batch * gen_len

@@ -27,7 +27,7 @@ from meshlm.costmodel import Estimate, estimate
 from meshlm.engine import DEFAULT_STEPS_PER_DISPATCH, Engine, TextGenerator
 from meshlm.errors import MeshlmError
 from meshlm.hardware import CHIPS, ChipSpec, load_chip, local_spec_path
-from meshlm.layouts import Layout, MeshShape, parse_phase_layout
+from meshlm.layouts import KV_FORMATS, Layout, MeshShape, parse_phase_layout
 from meshlm.paths import enable_compile_cache
 from meshlm.planner import best_layout
 from meshlm.sharded import ShardedModel
@@ -69,7 +69,8 @@ def generic_cpu_spec(n_devices: int) -> ChipSpec:
     n = max(1, n_devices)
     return ChipSpec(name=f"cpu-generic/{n}", peak_flops=1.8e11 / n, hbm_bytes=16 * 2**30 / n, hbm_bw=2.4e10 / n,
                     link_bw=2.4e10 / n, topology="switch", switch_domain=n, flops_efficiency=1.0,
-                    hbm_efficiency=1.0, hop_latency_s=2e-5, source="generic CPU host (meshlm.deploy)")
+                    hbm_efficiency=1.0, hop_latency_s=2e-5, act_bytes=4,  # the engine computes and caches in f32 on CPU
+                    source="generic CPU host (meshlm.deploy)")
 
 
 def local_chip(n_devices: int) -> ChipSpec:
@@ -103,7 +104,8 @@ class Deployment:
 
 
 def choose_layouts(cfg: ModelConfig, chip: ChipSpec, n: int, mesh: MeshShape | None, weights: str,
-                   forced: dict[str, str | None], batch: int, input_len: int, gen_len: int) -> dict[str, Estimate]:
+                   forced: dict[str, str | None], batch: int, input_len: int, gen_len: int,
+                   kv_cache: str | None = None) -> dict[str, Estimate]:
     """Decode's layout (and the mesh) first, then prefill's on that mesh: one copy of the weights."""
     out: dict[str, Estimate] = {}
     for phase in ("decode", "prefill"):
@@ -114,13 +116,13 @@ def choose_layouts(cfg: ModelConfig, chip: ChipSpec, n: int, mesh: MeshShape | N
         for m in meshes:  # the planner may not know every logical mesh: price each explicitly
             try:
                 e = best_layout(cfg, chip, n, phase, batch, input_len, gen_len, ffn=ffn, attention=attn,
-                                weights=weights, mesh=m)
+                                weights=weights, mesh=m, kv_cache=kv_cache)
             except MeshlmError:
                 continue
             if best is None or e.latency_s < best.latency_s:
                 best = e
         if best is None:
-            lay = Layout(ffn or "ws2d", attn or "heads", weights, meshes[0])
+            lay = Layout(ffn or "ws2d", attn or "heads", weights, meshes[0], kv_cache=kv_cache)
             best = estimate(cfg, chip, lay, phase, batch, input_len, gen_len)
         out[phase] = best
     p, d = out["prefill"].layout, out["decode"].layout
@@ -134,12 +136,15 @@ def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshSh
            prefill: str | None = None, decode: str | None = None, quantize: str | None = None,
            slots: int = 1, max_len: int = 512, batch: int | None = None, input_len: int = 16,
            gen_len: int = 32, progress: bool = True, host: LoadedModel | None = None,
-           steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH) -> Deployment:
+           steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH, kv_cache: str | None = None) -> Deployment:
     """Load `model` onto the mesh and build its engine. batch/input_len/gen_len describe the
     expected workload the planner prices (batch defaults to `slots`). `host`: a model already
-    loaded with host (numpy) leaves, reused instead of reading `model` again (kept intact)."""
+    loaded with host (numpy) leaves, reused instead of reading `model` again (kept intact).
+    kv_cache: the KV cache's format, "f32" or "bf16" (None: the activation dtype, f32 on CPU)."""
     if quantize not in (None, "int8"):
         raise MeshlmError(f"--quantize supports only int8, got {quantize!r}")
+    if kv_cache not in (None, *KV_FORMATS):
+        raise MeshlmError(f"--kv-cache supports {', '.join(KV_FORMATS)}, got {kv_cache!r}")
     enable_compile_cache()
     avail = len(jax.devices())
     n = mesh.n if mesh else (n_devices or avail)
@@ -154,7 +159,7 @@ def deploy(model: str = "default", *, n_devices: int | None = None, mesh: MeshSh
     weights = quantize or ("f32" if jax.devices()[0].platform == "cpu" else "bf16")
     chip = local_chip(n)
     est = choose_layouts(cfg, chip, n, mesh, weights, {"prefill": prefill, "decode": decode},
-                         batch or slots, input_len, gen_len)
+                         batch or slots, input_len, gen_len, kv_cache)
     lay = {ph: e.layout for ph, e in est.items()}
     sm = ShardedModel(cfg, lay["decode"].mesh)
     storage = "1d" if lay["decode"].ffn == "ws1d" else "2d"

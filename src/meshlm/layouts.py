@@ -1,7 +1,7 @@
 """Layouts as data, in the paper's notation (Pope et al. §3, Fig. 2, Fig. A.2).
 
-A `Layout` names an FFN partitioning, an attention partitioning, a weight format and a mesh
-shape. The same object is priced by `meshlm.costmodel`, executed by the sharded model and
+A `Layout` names an FFN partitioning, an attention partitioning, a weight format, a mesh
+shape and (optionally) the KV cache's element format. The same object is priced by `meshlm.costmodel`, executed by the sharded model and
 checked against the compiled HLO. Pure Python: no JAX import here.
 
 Sharding specs are strings like ``"B_x L E_yz"``: upper-case letters are tensor dimensions (see
@@ -22,6 +22,7 @@ ATTN_LAYOUTS = ("heads", "batch")
 WEIGHT_FORMATS = ("bf16", "int8", "f32")
 PHASES = ("prefill", "decode")
 BYTES_PER_WEIGHT = {"bf16": 2, "int8": 1, "f32": 4}
+KV_FORMATS = ("f32", "bf16")  # a KV cache's elements; a layout without one caches in the activation dtype
 
 
 # ---- mesh shapes ---------------------------------------------------------------------------------
@@ -165,6 +166,7 @@ class Layout:
     weights: str
     mesh: MeshShape
     collective_matmul: bool = False  # looped collective einsum (§3.5) instead of plain collectives
+    kv_cache: str | None = None  # KV_FORMATS; None: the activation dtype (the chip's act_bytes)
 
     def __post_init__(self) -> None:
         if self.ffn not in FFN_LAYOUTS:
@@ -173,6 +175,8 @@ class Layout:
             raise MeshlmError(f"unknown attention layout {self.attention!r}; known: {', '.join(ATTN_LAYOUTS)}")
         if self.weights not in WEIGHT_FORMATS:
             raise MeshlmError(f"unknown weight format {self.weights!r}; known: {', '.join(WEIGHT_FORMATS)}")
+        if self.kv_cache is not None and self.kv_cache not in KV_FORMATS:
+            raise MeshlmError(f"unknown KV cache format {self.kv_cache!r}; known: {', '.join(KV_FORMATS)}")
 
     @property
     def plan(self) -> FfnPlan:
@@ -182,6 +186,10 @@ class Layout:
     def bytes_per_weight(self) -> int:
         return BYTES_PER_WEIGHT[self.weights]
 
+    def kv_elem_bytes(self, act_bytes: int) -> int:
+        """Bytes per cached K/V element: the KV format's, else the activations' (`act_bytes`)."""
+        return BYTES_PER_WEIGHT[self.kv_cache] if self.kv_cache else act_bytes
+
     @property
     def short(self) -> str:
         """'ws2d/batch', the form the CLI takes for --prefill-layout / --decode-layout."""
@@ -189,11 +197,13 @@ class Layout:
 
     def __str__(self) -> str:
         cm = "+cm" if self.collective_matmul else ""
-        return f"{self.ffn}/{self.attention}/{self.weights}@{self.mesh}{cm}"
+        kv = f"+kv-{self.kv_cache}" if self.kv_cache else ""
+        return f"{self.ffn}/{self.attention}/{self.weights}@{self.mesh}{cm}{kv}"
 
     def to_dict(self) -> dict:
         return {"ffn": self.ffn, "attention": self.attention, "weights": self.weights,
-                "mesh": list(self.mesh.as_tuple()), "collective_matmul": self.collective_matmul}
+                "mesh": list(self.mesh.as_tuple()), "collective_matmul": self.collective_matmul,
+                "kv_cache": self.kv_cache}
 
 
 def parse_phase_layout(text: str) -> tuple[str, str]:

@@ -99,14 +99,14 @@ def attend_causal(q, k, v, lengths):
 
 def attend_one(q, k, v, positions):
     """Decode attention: one query per row, q [B, Kc, G, D] against the cache k, v [B, S, Kc, D] at
-    positions <= positions[b] -> [B, Kc, G, D]. On CPU with an f32 cache: the hand-written kernel
+    positions <= positions[b] -> [B, Kc, G, D]. On CPU with an f32 or bf16 cache: the hand-written kernel
     (meshlm.kernels.decode_attention: reads the cache once, in place; XLA:CPU's dots copy it
     transposed every layer, 2.3 vs ~24 GB/s); elsewhere `attend`."""
     def xla(q, k, v, positions):
         mask = jnp.arange(k.shape[1])[None, None, :] <= positions[:, None, None]
         return attend(q[:, None], k.astype(q.dtype), v.astype(q.dtype), mask)[:, 0]
 
-    if kernels.enabled() and q.dtype == k.dtype == v.dtype == jnp.float32:
+    if kernels.enabled() and q.dtype == jnp.float32 and k.dtype == v.dtype and k.dtype in kernels.CACHE_DTYPES:
         return jax.lax.platform_dependent(q, k, v, positions, cpu=kernels.decode_attention, default=xla)
     return xla(q, k, v, positions)
 

@@ -69,8 +69,10 @@ def meshes_for(chip: ChipSpec, n_chips: int, mesh: MeshShape | None = None) -> l
 
 
 def candidate_layouts(chip: ChipSpec, n_chips: int, ffn: str | None = None, attention: str | None = None,
-                      weights: str | None = None, mesh: MeshShape | None = None) -> list[Layout]:
-    """Every layout the planner evaluates; each forced option restricts one dimension."""
+                      weights: str | None = None, mesh: MeshShape | None = None,
+                      kv_cache: str | None = None) -> list[Layout]:
+    """Every layout the planner evaluates; each forced option restricts one dimension (kv_cache,
+    the KV format, is carried by every candidate: None caches in the activation dtype)."""
     for what, v, known in (("FFN layout", ffn, FFN_LAYOUTS), ("attention layout", attention, ATTN_LAYOUTS),
                            ("weight format", weights, WEIGHT_FORMATS)):
         if v is not None and v not in known:
@@ -78,7 +80,8 @@ def candidate_layouts(chip: ChipSpec, n_chips: int, ffn: str | None = None, atte
     ffns = [ffn] if ffn else list(SHARED_STORAGE_FFN)
     attns = [attention] if attention else list(ATTN_LAYOUTS)
     fmts = [weights] if weights else list(DEFAULT_WEIGHTS)
-    return [Layout(f, a, w, m) for m in meshes_for(chip, n_chips, mesh) for f in ffns for a in attns for w in fmts]
+    return [Layout(f, a, w, m, kv_cache=kv_cache)
+            for m in meshes_for(chip, n_chips, mesh) for f in ffns for a in attns for w in fmts]
 
 
 def objective_value(e: Estimate, objective: str) -> float:
@@ -113,7 +116,8 @@ def rank(estimates: Iterable[Estimate], objective: str, max_latency: float | Non
 
 def plan(cfg: ModelConfig, chip: ChipSpec, n_chips: int, phase: str, batch: int | Sequence[int], input_len: int,
          gen_len: int, objective: str = "latency", max_latency: float | None = None, ffn: str | None = None,
-         attention: str | None = None, weights: str | None = None, mesh: MeshShape | None = None) -> PlanResult:
+         attention: str | None = None, weights: str | None = None, mesh: MeshShape | None = None,
+         kv_cache: str | None = None) -> PlanResult:
     """Price every candidate layout for one phase and rank them (see module docstring). A list of
     batches adds batch to the enumeration (useful with objective 'cost' and max_latency)."""
     if phase not in PHASES:
@@ -125,7 +129,7 @@ def plan(cfg: ModelConfig, chip: ChipSpec, n_chips: int, phase: str, batch: int 
     batches = [batch] if isinstance(batch, int) else list(batch)
     if not batches:
         raise MeshlmError("give at least one batch size")
-    layouts = candidate_layouts(chip, n_chips, ffn, attention, weights, mesh)
+    layouts = candidate_layouts(chip, n_chips, ffn, attention, weights, mesh, kv_cache)
     ranked = rank((estimate(cfg, chip, lay, phase, b, input_len, gen_len) for lay in layouts for b in batches),
                   objective, max_latency)
     choice = ranked[0] if ranked and ranked[0].fits and (

@@ -92,10 +92,11 @@ class ShardedModel:
 
     def init_cache(self, layout: Layout, batch: int, max_len: int, dtype=None):
         """One [B, S, K_slots, D] array per layer for K and for V: a step updates each layer's
-        buffer in place (a stacked [Y, ...] cache had each layer's slice copied in and out)."""
+        buffer in place (a stacked [Y, ...] cache had each layer's slice copied in and out). Its
+        dtype: `dtype`, else the layout's KV format, else the activations'."""
         B = comm.padded_batch(batch, layout)
         shape = (B, max_len, self.cache_heads(layout), self.cfg.d_head)
-        spec, dt = self.cache_spec(layout), jnp.dtype(dtype or self.act_dtype)
+        spec, dt = self.cache_spec(layout), self.cache_dtype(layout, dtype)
         key = ("zeros", shape, spec, dt)
         if key not in self._fns:  # kept: a new jit per call would compile on every prefill (~80 ms)
             sh = NamedSharding(self.mesh, spec)
@@ -126,6 +127,10 @@ class ShardedModel:
             raise MeshlmError(f"cache batch {k.shape[0]} is not a multiple of {comm.batch_multiple(layout)} "
                               f"needed by {layout.short}")
 
+    def cache_dtype(self, layout: Layout, dtype=None):
+        """A cache's dtype: `dtype` when given, else the layout's KV format, else the activations'."""
+        return jnp.dtype(dtype or {"f32": jnp.float32, "bf16": jnp.bfloat16}.get(layout.kv_cache) or self.act_dtype)
+
     def cache_from_reference(self, ref_cache, layout: Layout, dtype=None):
         """A canonical cache [Y, B, S, K, D] laid out for `layout` (batch and heads padded)."""
         B = comm.padded_batch(ref_cache["k"].shape[1], layout)
@@ -137,7 +142,7 @@ class ShardedModel:
             pad = np.zeros_like(a[:, :, :, :1])
             a = np.concatenate([a, pad], axis=3)[:, :, :, np.where(idx < 0, a.shape[3], idx)]
             sh = NamedSharding(self.mesh, self.cache_spec(layout))
-            out[n] = tuple(jax.device_put(a[i].astype(dtype or self.act_dtype), sh) for i in range(a.shape[0]))
+            out[n] = tuple(jax.device_put(a[i].astype(self.cache_dtype(layout, dtype)), sh) for i in range(a.shape[0]))
         return out
 
     def cache_to_reference(self, cache, batch: int):

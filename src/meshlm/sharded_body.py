@@ -331,14 +331,14 @@ class Body:
     def fused(self, params, cache) -> bool:
         """Whether this pass runs each layer as one CPU kernel call (kernels.decoder_layer): a
         decode step of a Llama-style model (serial block, RMSNorm, gated SiLU, no biases) on one
-        device, weights packed (int8 or f32), f32 activations and cache, at most KERNEL_MAX_M rows."""
+        device, weights packed (int8 or f32), f32 activations, an f32 or bf16 cache, at most KERNEL_MAX_M rows."""
         cfg, g, lw, ck = self.cfg, self.geo, params["layers"][0], cache["k"][0]
         return (self.phase == "decode" and self.m.n == 1 and kernels.enabled() and self.dt == jnp.float32
                 and cfg.block == "serial" and cfg.norm == "rmsnorm" and cfg.gated_mlp and cfg.activation == "silu"
                 and set(lw) == {"norm1", "norm2", "attn_in", "attn_out", "ffn_in", "ffn_out"}
                 and all(set(lw[n]) == {"scale"} for n in ("norm1", "norm2"))
                 and all(is_packed(lw[n]) for n in ("attn_in", "attn_out", "ffn_in", "ffn_out"))
-                and ck.dtype == jnp.float32 and ck.shape[2] == g.Kx == g.Ks and ck.shape[0] <= KERNEL_MAX_M)
+                and ck.dtype in kernels.CACHE_DTYPES and ck.shape[2] == g.Kx == g.Ks and ck.shape[0] <= KERNEL_MAX_M)
 
     def fused_layers(self, x, params, positions, cache):
         """The decode layers through kernels.decoder_layer: x [B, 1, E] -> (x, k caches, v caches)."""

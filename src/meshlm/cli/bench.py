@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--gen-len", type=positive_int, default=64, help="decode steps timed per configuration")
     p.add_argument("--quantize", default="none",
                    help="comma-separated weight formats: none (f32 on CPU, bf16 on accelerators), int8")
+    p.add_argument("--kv-cache", default="auto",
+                   help="comma-separated KV cache formats: auto (the activation dtype: f32 on CPU), f32, bf16")
     p.add_argument("--layouts", default="planner",
                    help="comma-separated layout pairs: planner or PREFILL:DECODE (e.g. wg-xyz/heads:ws2d/batch)")
     p.add_argument("--devices", type=positive_int, help="devices to use; on a CPU-only host, simulate N devices")
@@ -53,6 +55,18 @@ def _weights(spec: str) -> list[str | None]:
     return out
 
 
+def _kv_caches(spec: str) -> list[str | None]:
+    from meshlm.errors import MeshlmError
+    from meshlm.layouts import KV_FORMATS
+
+    out: list[str | None] = []
+    for f in spec.split(","):
+        if f not in ("auto", *KV_FORMATS):
+            raise MeshlmError(f"--kv-cache: expected auto, {', '.join(KV_FORMATS)} (comma-separated), got {f!r}")
+        out.append(None if f == "auto" else f)
+    return out
+
+
 def run(args) -> int:
     from meshlm.mesh import simulate_cpu_devices
 
@@ -70,10 +84,10 @@ def run(args) -> int:
     from meshlm.layouts import MeshShape
 
     mesh = MeshShape.parse(args.mesh) if args.mesh else None
-    weights = _weights(args.quantize)
+    weights, kv_caches = _weights(args.quantize), _kv_caches(args.kv_cache)
     pairs = [p.strip() for p in args.layouts.split(",") if p.strip()]
     host = bench.load_host(args.model, progress=sys.stderr.isatty())
-    cfgs = bench.configs(pairs, weights, args.batch, args.input_len, args.gen_len)
+    cfgs = bench.configs(pairs, weights, args.batch, args.input_len, args.gen_len, kv_caches)
     dev = jax.devices()[0]
     print(f"{host.cfg.name} on {n or len(jax.devices())} x {dev.device_kind} ({dev.platform}); "
           f"gen {args.gen_len} tokens, greedy; times in ms", flush=True)

@@ -20,6 +20,9 @@ def add_deploy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-layout", metavar="FFN/ATTN", help="force the prefill layout, e.g. wg-xyz/heads")
     p.add_argument("--decode-layout", metavar="FFN/ATTN", help="force the decode layout, e.g. ws2d/batch")
     p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load time")
+    p.add_argument("--kv-cache", choices=["f32", "bf16"],
+                   help="the KV cache's format (default: the activation dtype, f32 on CPU); bf16 halves the bytes a "
+                        "long-context decode step streams")
     add_steps_arg(p)
 
 
@@ -35,6 +38,12 @@ def add_steps_arg(p: argparse.ArgumentParser) -> None:
 def steps_kw(args: argparse.Namespace) -> dict:
     """deploy()'s steps_per_dispatch when --steps-per-dispatch was given (else its default)."""
     return {"steps_per_dispatch": args.steps_per_dispatch} if args.steps_per_dispatch else {}
+
+
+def deploy_kw(args: argparse.Namespace) -> dict:
+    """deploy()'s keyword arguments from add_deploy_args' options (shared with `meshlm serve`)."""
+    return {"prefill": args.prefill_layout, "decode": args.decode_layout, "quantize": args.quantize,
+            "kv_cache": args.kv_cache, **steps_kw(args)}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -83,9 +92,8 @@ def _setup(args: argparse.Namespace):
 
     sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                         max_tokens=args.max_tokens, stop=tuple(args.stop))
-    d = deploy(args.model, n_devices=n, mesh=mesh, prefill=args.prefill_layout, decode=args.decode_layout,
-               quantize=args.quantize, max_len=args.max_len, gen_len=args.max_tokens,
-               progress=not args.no_progress, **steps_kw(args))
+    d = deploy(args.model, n_devices=n, mesh=mesh, max_len=args.max_len, gen_len=args.max_tokens,
+               progress=not args.no_progress, **deploy_kw(args))
     return d, sp
 
 

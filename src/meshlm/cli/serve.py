@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from meshlm.cli import positive_int
-from meshlm.cli.generate import add_deploy_args, setup_devices, steps_kw
+from meshlm.cli.generate import add_deploy_args, deploy_kw, setup_devices
 
 
 def register(sub: Any) -> None:
@@ -30,9 +30,7 @@ def run(args) -> int:
     from meshlm.deploy import deploy
     from meshlm.server import Scheduler, create_app
 
-    d = deploy(args.model, n_devices=n, mesh=mesh, prefill=args.prefill_layout, decode=args.decode_layout,
-               quantize=args.quantize, slots=args.slots, max_len=args.max_len,
-               **steps_kw(args))
+    d = deploy(args.model, n_devices=n, mesh=mesh, slots=args.slots, max_len=args.max_len, **deploy_kw(args))
     lay = ", ".join(f"{ph} {d.layouts[ph].short}" for ph in ("prefill", "decode"))
     print(f"meshlm serve: {d.model.cfg.name} on {d.layouts['decode'].mesh} ({lay}), {d.engine.slots} slots, "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)

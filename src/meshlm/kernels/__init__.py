@@ -94,12 +94,13 @@ def _matmul(target: str, x, q, R: int, C: int, ok: bool, want: str, *extra):
 
 
 def _ffi(target: str, shapes, *args, aliases=None, dtype=jnp.float32, **attrs):
-    """Results of `shapes` (of `dtype`) from the FFI target on `args` (attributes `attrs`;
+    """Results of `shapes` (tuples, of `dtype`, or ShapeDtypeStructs) from the FFI target on `args` (attributes `attrs`;
     `aliases`: input index -> result index updated in place), marked varying over every shard_map
     axis an input varies over."""
     if not available():
         raise RuntimeError(reason())
-    outs = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct(s, dtype) for s in shapes], vmap_method="sequential",
+    structs = [s if isinstance(s, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+    outs = jax.ffi.ffi_call(target, structs, vmap_method="sequential",
                             input_output_aliases=aliases)(*args, **attrs)
     axes = _varying_axes(*args)
     return [jax.lax.pcast(o, axes, to="varying") for o in outs] if axes else list(outs)
@@ -140,24 +141,34 @@ def packed_matmul(x, p, s=None):
     return _matmul(target, x, p, p.shape[1], C, ok, f"x [M, R], packed p int8 or f32 [C/{PANEL}, R, {PANEL}]", s)
 
 
+CACHE_DTYPES = (jnp.float32, jnp.bfloat16)  # KV caches the kernels read as stored
+
+
+def _cache_dtype(k, v):
+    """The dtype the kernels read the cache k, v in: theirs when both are f32 or both bf16, else f32
+    (a copy)."""
+    return k.dtype if k.dtype == v.dtype and k.dtype in CACHE_DTYPES else jnp.float32
+
+
 def decode_attention(q, k, v, positions):
     """o f32 [B, K, G, D]: q [B, K, G, D] (one position per row, roped) against the cache k, v
-    [B, S, K, D] at positions 0..positions[b] (all S when >= S), softmax scaled by D^-1/2. CPU only."""
+    [B, S, K, D] (f32 or bf16, read as stored) at positions 0..positions[b] (all S when >= S),
+    softmax scaled by D^-1/2. CPU only."""
     B, K, G, D = q.shape
     if k.ndim != 4 or k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (B, K, D) or \
             positions.shape != (B,):
         raise ValueError(f"decode_attention wants q [B, K, G, D], k, v [B, S, K, D], positions [B]; got q "
                          f"{q.shape}, k {k.shape}, v {v.shape}, positions {positions.shape}")
-    f32 = jnp.float32
-    return _ffi("meshlm_decode_attention", [q.shape], q.astype(f32), k.astype(f32), v.astype(f32),
+    f32, ct = jnp.float32, _cache_dtype(k, v)
+    return _ffi("meshlm_decode_attention", [q.shape], q.astype(f32), k.astype(ct), v.astype(ct),
                 positions.astype(jnp.int32), scale=np.float32(1.0 / math.sqrt(D)))[0]
 
 
 def decoder_layer(x, positions, cos, sin, w: dict, k, v, eps: float, rope_half: bool):
     """One decode layer of the Llama family on one device (decoder_layer.cc): x f32 [B, E] at
     positions [B] with RoPE tables cos, sin [B, R/2]; w: norm1, norm2 [E] and the packed weights
-    qkv (q|k|v), o, gu (gate|up), d: {"p": int8, "s": column scales} or {"p": f32}; k, v f32
-    [B, S, K, D] this layer's cache. -> (x', k', v'), the cache updated in place. CPU only."""
+    qkv (q|k|v), o, gu (gate|up), d: {"p": int8, "s": column scales} or {"p": f32}; k, v f32 or
+    bf16 [B, S, K, D] this layer's cache. -> (x', k', v'), the cache updated in place. CPU only."""
     f32 = jnp.float32
 
     def pair(m):
@@ -165,9 +176,11 @@ def decoder_layer(x, positions, cos, sin, w: dict, k, v, eps: float, rope_half: 
 
     args = (x.astype(f32), positions.astype(jnp.int32), cos, sin, w["norm1"], *pair(w["qkv"]), *pair(w["o"]),
             w["norm2"], *pair(w["gu"]), *pair(w["d"]), k, v)
-    if k.dtype != f32 or v.dtype != f32:
-        raise ValueError(f"decoder_layer wants an f32 cache; got {k.dtype}")
-    return tuple(_ffi("meshlm_decoder_layer", [x.shape, k.shape, v.shape], *args, aliases={14: 1, 15: 2},
+    if k.dtype != v.dtype or k.dtype not in CACHE_DTYPES:
+        raise ValueError(f"decoder_layer wants an f32 or bf16 cache; got k {k.dtype}, v {v.dtype}")
+    shapes = [jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(k.shape, k.dtype),
+              jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    return tuple(_ffi("meshlm_decoder_layer", shapes, *args, aliases={14: 1, 15: 2},
                       eps=np.float32(eps), rope_half=np.int32(rope_half)))
 
 

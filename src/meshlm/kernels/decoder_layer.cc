@@ -1,7 +1,7 @@
 // One whole decoder layer of a decode step on one CPU device, as one XLA FFI custom call: the
 // Llama family's serial block (RMSNorm, rotary attention with grouped KV heads, gated SiLU FFN,
 // no biases) with weights packed panel-major (matmul.h: matmul_packed), int8 with per-column
-// scales or f32 (scales then empty), and an f32 cache.
+// scales or f32 (scales then empty), and an f32 or bf16 cache.
 //
 //   meshlm_decoder_layer:
 //     x f32 [B, E]                    the residual stream, one token per sequence
@@ -13,7 +13,8 @@
 //     norm2 f32 [E]                   FFN RMSNorm scale
 //     w_gu s8|f32 [2F/64, E, 64]      fused gate|up, s_gu f32 [2F]
 //     w_d s8|f32 [E/64, F, 64]        FFN output, s_d f32 [E] (f32 weights: every s_* is [0])
-//     k, v f32 [B, S, K, D]           this layer's cache, updated in place (aliased to results 1, 2)
+//     k, v f32|bf16 [B, S, K, D]      this layer's cache, updated in place (aliased to results 1, 2);
+//                                     a bf16 cache is written rounded to nearest even, as XLA's convert
 //     attributes: eps, rope_half (1: rotate halves, 0: interleaved pairs)
 //   -> x' f32 [B, E], k', v'
 //
@@ -21,8 +22,8 @@
 // an 8.8 ms step beside ~6.2 ms of weight streaming. Here the elementwise work (norms, RoPE, cache
 // writes, SiLU, residuals) runs between the matmuls on the calling thread while the pool helper
 // lingers (ffi_common.h), and the matmuls and attention split over both.
-// The arithmetic follows meshlm.model / sharded_body.py step by step (f32 throughout), so the
-// result matches the XLA path to f32 rounding.
+// The arithmetic follows meshlm.model / sharded_body.py step by step (f32 throughout, the cache in
+// its own dtype), so the result matches the XLA path to f32 rounding.
 
 #include <cmath>
 #include <cstdint>
@@ -41,6 +42,7 @@ using meshlm::run_split;
 using meshlm::shape_str;
 using meshlm::matmul::packed_split;
 using meshlm::matmul::PW;
+using meshlm::attention::bf16;
 
 using F32 = ffi::Buffer<ffi::F32>;
 using W = ffi::AnyBuffer;  // a packed weight: int8 (with column scales) or f32 (scales empty)
@@ -114,8 +116,9 @@ bool dims_are(ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
 
 ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> positions, F32 cos, F32 sin, F32 norm1,
                          W w_qkv, F32 s_qkv, W w_o, F32 s_o, F32 norm2, W w_gu, F32 s_gu, W w_d, F32 s_d,
-                         F32 k_in, F32 v_in, float eps, int32_t rope_half, ffi::ResultBuffer<ffi::F32> x_out,
-                         ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out) {
+                         ffi::AnyBuffer k_in, ffi::AnyBuffer v_in, float eps, int32_t rope_half,
+                         ffi::ResultBuffer<ffi::F32> x_out, ffi::Result<ffi::AnyBuffer> k_out,
+                         ffi::Result<ffi::AnyBuffer> v_out) {
   auto xd = x.dimensions(), kd = k_in.dimensions(), qkv_d = w_qkv.dimensions(), gu_d = w_gu.dimensions();
   if (xd.size() != 2 || kd.size() != 4 || qkv_d.size() != 3 || gu_d.size() != 3 || cos.dimensions().size() != 2)
     return failed(ffi::Error::InvalidArgument("decoder layer wants x [B, E], a [B, S, K, D] cache, packed weights"));
@@ -128,6 +131,10 @@ ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> posi
                      w_gu.element_type() == wt && w_d.element_type() == wt;
   if (!types)
     return failed(ffi::Error::InvalidArgument("decoder layer wants four packed weights, all int8 or all f32"));
+  const auto ct = k_in.element_type();
+  if ((ct != ffi::DataType::F32 && ct != ffi::DataType::BF16) || v_in.element_type() != ct ||
+      k_out->element_type() != ct || v_out->element_type() != ct)
+    return failed(ffi::Error::InvalidArgument("decoder layer wants the k and v cache both f32 or both bf16"));
   const bool ok = H > 0 && H % K == 0 && (H + 2 * K) * D == Cq && 2 * R2 <= D && kd[0] == B &&
                   dims_are(positions.dimensions(), {B}) && dims_are(cos.dimensions(), {B, R2}) &&
                   dims_are(sin.dimensions(), {B, R2}) && dims_are(norm1.dimensions(), {E}) &&
@@ -147,7 +154,7 @@ ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> posi
   if (B == 0) return meshlm::done_future();
   const float* xp = x.typed_data();
   const int32_t* pos = positions.typed_data();
-  float *kc = k_out->typed_data(), *vc = v_out->typed_data(), *y = x_out->typed_data();
+  float* y = x_out->typed_data();
   const int64_t HD = H * D, KD = K * D;
 
   // scratch reused across calls (one per calling thread: simulated devices may call concurrently)
@@ -165,18 +172,24 @@ ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> posi
   const float *g1 = norm1.typed_data(), *g2 = norm2.typed_data();
   each_row(pool, B, B * E * 8, [&](int64_t b) { rms_norm(xp + b * E, g1, eps, E, xn + b * E); });
   matmul(pool, xn, w_qkv, s_qkv, qkv, B, E, Cq);
-  each_row(pool, B, B * Cq * 8, [&](int64_t b) {  // each row writes only its own cache row
-    float* row = qkv + b * Cq;
-    const float *cb = cos.typed_data() + b * R2, *sb = sin.typed_data() + b * R2;
-    rope(row, H, D, cb, sb, R2, rope_half != 0);
-    rope(row + HD, K, D, cb, sb, R2, rope_half != 0);
-    std::copy(row, row + HD, q + b * HD);
-    if (pos[b] >= 0 && pos[b] < S) {
-      std::copy(row + HD, row + HD + KD, kc + (b * S + pos[b]) * KD);
-      std::copy(row + HD + KD, row + HD + 2 * KD, vc + (b * S + pos[b]) * KD);
-    }
-  });
-  meshlm::attention::decode_attend(pool, B, S, K, H / K, D, q, kc, vc, pos, 1.f / std::sqrt(float(D)), o);
+  auto attend = [&](auto* kc, auto* vc) {  // kc, vc: float* or bf16*, the cache as stored
+    each_row(pool, B, B * Cq * 8, [&](int64_t b) {  // each row writes only its own cache row
+      float* row = qkv + b * Cq;
+      const float *cb = cos.typed_data() + b * R2, *sb = sin.typed_data() + b * R2;
+      rope(row, H, D, cb, sb, R2, rope_half != 0);
+      rope(row + HD, K, D, cb, sb, R2, rope_half != 0);
+      std::copy(row, row + HD, q + b * HD);
+      if (pos[b] >= 0 && pos[b] < S) {
+        meshlm::attention::store_row(row + HD, kc + (b * S + pos[b]) * KD, KD);
+        meshlm::attention::store_row(row + HD + KD, vc + (b * S + pos[b]) * KD, KD);
+      }
+    });
+    meshlm::attention::decode_attend(pool, B, S, K, H / K, D, q, kc, vc, pos, 1.f / std::sqrt(float(D)), o);
+  };
+  if (ct == ffi::DataType::F32)
+    attend(static_cast<float*>(k_out->untyped_data()), static_cast<float*>(v_out->untyped_data()));
+  else
+    attend(static_cast<bf16*>(k_out->untyped_data()), static_cast<bf16*>(v_out->untyped_data()));
   matmul(pool, o, w_o, s_o, t, B, HD, E);
 
   // FFN half: y += (silu(norm(y) @ w_gate) * (norm(y) @ w_up)) @ w_d
@@ -212,10 +225,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_decoder_layer, DecoderLayer,
                                   .Arg<F32>()                      // s_gu
                                   .Arg<W>()                        // w_d
                                   .Arg<F32>()                      // s_d
-                                  .Arg<F32>()                      // k cache
-                                  .Arg<F32>()                      // v cache
+                                  .Arg<ffi::AnyBuffer>()           // k cache
+                                  .Arg<ffi::AnyBuffer>()           // v cache
                                   .Attr<float>("eps")
                                   .Attr<int32_t>("rope_half")
                                   .Ret<F32>()                      // x'
-                                  .Ret<F32>()                      // k cache (aliased)
-                                  .Ret<F32>()); // v cache (aliased)
+                                  .Ret<ffi::AnyBuffer>()           // k cache (aliased)
+                                  .Ret<ffi::AnyBuffer>());         // v cache (aliased)
