@@ -40,6 +40,18 @@ def test_plan_forced_options_restrict(capsys):
     assert (d["choice"]["ffn"], d["choice"]["attention"], d["choice"]["mesh"]) == ("wg-xy", "heads", [4, 4, 4])
 
 
+def test_plan_kv_cache_format(capsys):
+    """--kv-cache f32 on TPU v4 (bf16 activations): every candidate caches in f32, the chosen one
+    holds twice the KV cache of the default's."""
+    argv = ("plan", "--chips", "64", "--batch", "64", "--phase", "decode", "--weights", "int8", "--json")
+    d0 = json.loads(run(capsys, *argv)[1])
+    d32 = json.loads(run(capsys, *argv, "--kv-cache", "f32", "--ffn", d0["choice"]["ffn"], "--attention",
+                         d0["choice"]["attention"], "--mesh", "x".join(map(str, d0["choice"]["mesh"])))[1])
+    assert d0["choice"]["kv_cache"] is None and {e["kv_cache"] for e in d32["candidates"]} == {"f32"}
+    assert d32["choice"]["memory"]["kv_cache"] == pytest.approx(2 * d0["choice"]["memory"]["kv_cache"])
+    assert d32["choice"]["step_latency_s"] > d0["choice"]["step_latency_s"]
+
+
 def test_plan_table_output(capsys):
     rc, out, _ = run(capsys, "plan", "--chips", "16", "--model", "palm-62b", "--phase", "decode", "--batch", "32")
     assert rc == 0 and "choice: ffn ws2d" in out and "MFU" in out
@@ -55,6 +67,7 @@ def test_plan_table_output(capsys):
     (["--chips", "64", "--gen-len", "abc"], "--gen-len"),
     (["--chips", "64", "--ffn", "ws9"], "unknown FFN layout"),
     (["--chips", "64", "--objective", "speed"], "unknown objective"),
+    (["--chips", "64", "--kv-cache", "int4"], "unknown KV cache format"),
 ])
 def test_plan_errors_are_one_line(capsys, argv, msg):
     rc, out, err = run(capsys, "plan", "--phase", "decode", *argv)

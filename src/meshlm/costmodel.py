@@ -167,7 +167,7 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ffn": self.ffn, "attention": self.attention, "weights": self.weights, "mesh": self.mesh,
-                "n_chips": self.layout.mesh.n, "phase": self.phase, "batch": self.batch,
+                "kv_cache": self.layout.kv_cache, "n_chips": self.layout.mesh.n, "phase": self.phase, "batch": self.batch,
                 "input_len": self.input_len, "gen_len": self.gen_len, "latency_s": self.latency_s,
                 "step_latency_s": self.step_latency_s, "mfu": self.mfu,
                 "cost_chip_ms_per_token": self.cost_chip_ms_per_token,

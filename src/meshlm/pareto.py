@@ -58,14 +58,15 @@ def frontier_of(points: Iterable[Estimate]) -> list[Estimate]:
 
 def sweep(cfg: ModelConfig, chip: ChipSpec, phase: str, chips: Iterable[int] = DEFAULT_CHIPS,
           batches: Iterable[int] = DEFAULT_BATCHES, input_len: int = 2048, gen_len: int = 64,
-          weights: str | None = None, ffn: str | None = None, attention: str | None = None) -> Frontier:
+          weights: str | None = None, ffn: str | None = None, attention: str | None = None,
+          kv_cache: str | None = None) -> Frontier:
     """Every fitting (chips, batch, layout) point and their frontier."""
     points = []
     batches = list(batches)
     for n in chips:
         if not chip.mesh_shapes(n):
             continue
-        for lay in candidate_layouts(chip, n, ffn=ffn, attention=attention, weights=weights):
+        for lay in candidate_layouts(chip, n, ffn=ffn, attention=attention, weights=weights, kv_cache=kv_cache):
             for b in batches:
                 e = estimate(cfg, chip, lay, phase, b, input_len, gen_len)
                 if e.fits:

@@ -15,7 +15,7 @@ from meshlm.config import load_model_config
 from meshlm.costmodel import Estimate
 from meshlm.errors import MeshlmError
 from meshlm.hardware import load_chip
-from meshlm.layouts import ATTN_LAYOUTS, FFN_LAYOUTS, PHASES, WEIGHT_FORMATS, MeshShape
+from meshlm.layouts import ATTN_LAYOUTS, FFN_LAYOUTS, KV_FORMATS, PHASES, WEIGHT_FORMATS, MeshShape
 from meshlm.planner import OBJECTIVES, no_choice_reason, plan
 
 GiB = 1024**3
@@ -70,6 +70,8 @@ def add_workload_args(p: argparse.ArgumentParser, phase_required: bool = True) -
     p.add_argument("--input-len", default="2048", help="prompt tokens per sequence (default 2048)")
     p.add_argument("--gen-len", default="64", help="generated tokens per sequence (default 64)")
     p.add_argument("--weights", help=f"force a weight format: {', '.join(WEIGHT_FORMATS)}")
+    p.add_argument("--kv-cache", help=f"the KV cache's format: {', '.join(KV_FORMATS)} (default: the chip's "
+                                      "activation dtype, bf16 on accelerators)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -96,7 +98,8 @@ def candidates_table(res: Any, top: int) -> Any:
 def breakdown_lines(e: Estimate) -> list[str]:
     b, m = e.breakdown, e.memory
     return [
-        f"choice: ffn {e.ffn}, attention {e.attention}, weights {e.weights}, mesh {e.layout.mesh}",
+        f"choice: ffn {e.ffn}, attention {e.attention}, weights {e.weights}, mesh {e.layout.mesh}"
+        + (f", KV cache {e.layout.kv_cache}" if e.layout.kv_cache else ""),
         f"  latency {fmt_s(e.latency_s)} (per step {fmt_s(e.step_latency_s)}), MFU {e.mfu:.1%}, "
         f"cost {e.cost_chip_ms_per_token:.3g} chip-ms/token",
         f"  compute {fmt_s(b['compute'])} (matmul {fmt_s(b['matmul'])}, attention {fmt_s(b['attention'])}); "
@@ -129,7 +132,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     res = plan(cfg, chip, chips, phase, batch, input_len, gen_len, objective=objective, max_latency=max_latency,
                ffn=choice(args.ffn, FFN_LAYOUTS, "FFN layout"),
                attention=choice(args.attention, ATTN_LAYOUTS, "attention layout"),
-               weights=choice(args.weights, WEIGHT_FORMATS, "weight format"), mesh=mesh)
+               weights=choice(args.weights, WEIGHT_FORMATS, "weight format"), mesh=mesh,
+               kv_cache=choice(args.kv_cache, KV_FORMATS, "KV cache format"))
     if args.json:
         print(json.dumps(res.to_dict()))
         return 0 if res.choice else 1
@@ -165,7 +169,8 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     phase = choice(args.phase, PHASES, "phase")
     fr = sweep(cfg, chip, phase, chips=int_csv(args.chips, "--chips"), batches=int_csv(args.batches, "--batches"),
                input_len=pos_int(args.input_len, "--input-len"), gen_len=pos_int(args.gen_len, "--gen-len"),
-               weights=choice(args.weights, WEIGHT_FORMATS, "weight format"))
+               weights=choice(args.weights, WEIGHT_FORMATS, "weight format"),
+               kv_cache=choice(args.kv_cache, KV_FORMATS, "KV cache format"))
     if args.out:
         plot(fr, args.out)
     if args.json:
