@@ -20,7 +20,7 @@
 
 #include "ffi_common.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)  // BW, VL: the bf16 row loads
 #include <immintrin.h>
 #define MESHLM_AVX512 1
 #endif
