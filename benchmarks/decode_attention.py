@@ -28,16 +28,14 @@ import numpy as np
 from meshlm import calibrate, kernels
 from meshlm.bench import write_json
 from meshlm.cli import int_list
+from meshlm.sharded import KV_DTYPES
 
 S, K, G, D = 2048, 3, 3, 64
 
 
-DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
-
-
 def _case(rng, fmt: str, B: int, context: int, layers: int):
     """(a blocking call running the chain, K and V bytes it reads)."""
-    dt = DTYPES[fmt]
+    dt = KV_DTYPES[fmt]
     q = jnp.asarray(rng.standard_normal((B, K, G, D), np.float32))
     ks = [jnp.asarray(rng.standard_normal((B, S, K, D), np.float32)).astype(dt) for _ in range(layers)]
     vs = [jnp.asarray(rng.standard_normal((B, S, K, D), np.float32)).astype(dt) for _ in range(layers)]
@@ -50,7 +48,7 @@ def _case(rng, fmt: str, B: int, context: int, layers: int):
             o = kernels.decode_attention(o, k, v, pos)
         return o
 
-    return (lambda: jax.block_until_ready(chain(q, ks, vs, pos))), B * context * K * D * dt(0).itemsize * 2 * layers
+    return (lambda: jax.block_until_ready(chain(q, ks, vs, pos))), B * context * K * D * dt.itemsize * 2 * layers
 
 
 def main() -> int:
@@ -69,8 +67,8 @@ def main() -> int:
         print(f"--context must be within 1..{S}")
         return 2
     fmts = args.kv_cache.split(",")
-    if any(f not in DTYPES for f in fmts):
-        print(f"--kv-cache must be among {', '.join(DTYPES)}")
+    if any(f not in KV_DTYPES for f in fmts):
+        print(f"--kv-cache must be among {', '.join(KV_DTYPES)}")
         return 2
     rng = np.random.default_rng(0)
     mesh = calibrate._mesh(jax.devices()[:1])

@@ -237,7 +237,10 @@ def cache_format(d) -> str:
     """The KV cache's element format as the engine holds it ("f32", "bf16")."""
     import jax
 
-    return {"float32": "f32", "bfloat16": "bf16"}.get(str(jax.tree.leaves(d.engine.cache)[0].dtype), "?")
+    from meshlm.sharded import KV_DTYPES
+
+    dt = jax.tree.leaves(d.engine.cache)[0].dtype
+    return next((f for f, t in KV_DTYPES.items() if t == dt), str(dt))
 
 
 HOST_CHECK_PASSES = 7  # calibrate's bandwidth pass, this many times after each configuration
@@ -307,8 +310,7 @@ def _row(d, c: Config, m: dict, bws: list[float]) -> dict:
     lay = d.layouts
     row = {"pair": c.pair, "prefill_layout": lay["prefill"].short, "decode_layout": lay["decode"].short,
            "mesh": str(lay["decode"].mesh), "weights": lay["decode"].weights, "kv_cache": cache_format(d),
-           "batch": c.batch,
-           "input_len": c.input_len, "gen_len": c.gen_len, "chip": d.chip.name, **m, **utilization(d, c, m),
+           "batch": c.batch, "input_len": c.input_len, "gen_len": c.gen_len, "chip": d.chip.name, **m, **utilization(d, c, m),
            "predicted_ttft_s": p["ttft_s"], "predicted_decode_s": p["decode_s"],
            "ttft_rel_err": rel_err(m["ttft_s"], p["ttft_s"]),
            "decode_rel_err": rel_err(m["decode_p50_s"], p["decode_s"]),

@@ -41,6 +41,8 @@ from meshlm.quant import array_of, is_packed, packs
 from meshlm.sharded_body import Body
 from meshlm.sharded_params import Geometry, build_stored, pack_layers, per_layer, stored_specs
 
+KV_DTYPES = {"f32": jnp.dtype(jnp.float32), "bf16": jnp.dtype(jnp.bfloat16)}  # layouts.KV_FORMATS -> dtype
+
 
 def _spec_of(axes: str):
     return tuple(axes) if axes else None
@@ -129,7 +131,7 @@ class ShardedModel:
 
     def cache_dtype(self, layout: Layout, dtype=None):
         """A cache's dtype: `dtype` when given, else the layout's KV format, else the activations'."""
-        return jnp.dtype(dtype or {"f32": jnp.float32, "bf16": jnp.bfloat16}.get(layout.kv_cache) or self.act_dtype)
+        return jnp.dtype(dtype or KV_DTYPES.get(layout.kv_cache) or self.act_dtype)
 
     def cache_from_reference(self, ref_cache, layout: Layout, dtype=None):
         """A canonical cache [Y, B, S, K, D] laid out for `layout` (batch and heads padded)."""
