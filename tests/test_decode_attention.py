@@ -38,9 +38,11 @@ def _case(B, S, K, G, D, seed=0):
 
 
 # small and split work (B * S * K * D * 8 bytes >= 64 KiB runs in chunks merged across threads),
-# D not a multiple of 16, one and several query heads per KV head
+# D not a multiple of 16, one and several query heads per KV head; D = 64 and 128 take the blocked
+# path (16 rows at a time, the last block of a chunk short)
 @pytest.mark.parametrize("B,S,K,G,D", [(1, 7, 1, 1, 16), (2, 40, 3, 3, 40), (3, 700, 2, 4, 64),
-                                       (1, 2048, 3, 3, 64), (5, 300, 1, 8, 24)])
+                                       (1, 2048, 3, 3, 64), (5, 300, 1, 8, 24), (2, 333, 2, 8, 128),
+                                       (1, 9, 3, 3, 64)])
 def test_matches_float64(B, S, K, G, D):
     q, k, v = _case(B, S, K, G, D)
     rng = np.random.default_rng(1)
@@ -98,8 +100,8 @@ def test_inside_shard_map_batch_sharded_on_8_devices():
     np.testing.assert_allclose(got, _numpy(q, k, v, pos), rtol=2e-5, atol=2e-5)
 
 
-# D = 64 and 128 take the grouped bf16 path (each row widened once per KV head), D = 40 the per-head
-# one; G = 1, 3, 8 query heads per KV head
+# D = 64 and 128 take the blocked path (a bf16 row read as its even and odd elements), D = 40 the
+# per-row one; G = 1, 3, 8 query heads per KV head
 @pytest.mark.parametrize("B,S,K,G,D", [(2, 300, 3, 3, 64), (1, 1500, 2, 1, 128), (3, 90, 1, 8, 40), (1, 5, 3, 3, 64)])
 def test_bf16_cache_read_as_stored_matches_float64_of_its_values(B, S, K, G, D):
     """A bf16 cache is read in place (half the bytes) and widened exactly: the result is the

@@ -29,7 +29,8 @@ namespace meshlm {
 namespace attention {
 
 constexpr int64_t kMinChunk = 64;  // cache positions per chunk, at least
-constexpr int64_t kPrefetchRows = 4;
+constexpr int64_t kPrefetchRows = 4;  // rows ahead (the per-row path)
+constexpr int64_t kAhead = 2;         // blocks ahead (the blocked path)
 
 struct bf16 {  // a bfloat16 as stored: the high 16 bits of an f32
   uint16_t bits;
@@ -123,36 +124,121 @@ inline float exp_sum(float* p, int64_t n, float m) {
   return _mm512_reduce_add_ps(acc);
 }
 
-// The G query heads q [G, D] sharing one KV head against its cached row kk [D] (D = 16 NV): the
-// row is loaded and widened once, not once per query head (a bf16 cache streams half the bytes,
-// so the per-row work sets the pace). out[g * stride] = scale * q[g] . kk.
-template <int NV, typename T>
-inline void dot_group(const float* q, const T* kk, int64_t G, float scale, float* out, int64_t stride) {
-  __m512 kv[NV];
-  for (int j = 0; j < NV; ++j) kv[j] = load16(kk + 16 * j);
-  for (int64_t g = 0; g < G; ++g) {
-    const float* qg = q + g * 16 * NV;
-    __m512 acc0 = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]), acc1 = _mm512_mul_ps(_mm512_loadu_ps(qg + 16), kv[1]);
-    for (int j = 2; j < NV; j += 2) {
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), kv[j], acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j + 16), kv[j + 1], acc1);
-    }
-    out[g * stride] = scale * _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+// lane i = the sum of a[i]'s 16 lanes: a transpose-and-add tree, 45 instructions for 16 dot products
+// where 16 horizontal reductions take ~130 (they, not the loads, set the pace of the scores pass).
+inline __m512 sum16(const __m512* a) {
+  __m512 t[8], u[4], w[2];
+  UNROLL for (int i = 0; i < 8; ++i)  // [a0+a2, b0+b2, a1+a3, b1+b3] per 128-bit lane
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  UNROLL for (int i = 0; i < 4; ++i) {  // rows 4i..4i+3, one partial sum each per 128-bit lane
+    const __m512d c = _mm512_castps_pd(t[2 * i]), d = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  UNROLL for (int i = 0; i < 2; ++i)  // 128-bit lanes added in pairs
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
+// One head's D = 16 NV cached values as NV f32 vectors. f32: in order. bf16: each 32-element piece
+// as its even then its odd elements ([x0 x2 .. x30], [x1 x3 .. x31]: a shift and a mask of the raw
+// words, no cross-lane widening), so the query and the output are kept in that order (to_split).
+template <int NV>
+inline void load_head(const float* p, __m512* x) {
+  UNROLL for (int j = 0; j < NV; ++j) x[j] = _mm512_loadu_ps(p + 16 * j);
+}
+template <int NV>
+inline void load_head(const bf16* p, __m512* x) {
+  const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
+  UNROLL for (int j = 0; j < NV / 2; ++j) {
+    const __m512i w = _mm512_loadu_si512(p + 32 * j);
+    x[2 * j] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    x[2 * j + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
   }
 }
 
-// o[g] += p[g * stride] * vv for the G query heads of one KV head, its cached row vv [D = 16 NV]
-// loaded and widened once.
-template <int NV, typename T>
-inline void axpy_group(const float* p, int64_t stride, const T* vv, float* o, int64_t G) {
-  __m512 vr[NV];
-  for (int j = 0; j < NV; ++j) vr[j] = load16(vv + 16 * j);
-  for (int64_t g = 0; g < G; ++g) {
-    const __m512 pb = _mm512_set1_ps(p[g * stride]);
-    float* og = o + g * 16 * NV;
-    for (int j = 0; j < NV; ++j)
-      _mm512_storeu_ps(og + 16 * j, _mm512_fmadd_ps(pb, vr[j], _mm512_loadu_ps(og + 16 * j)));
+// The h-th of H equal parts of [p, p + n) (n elements) into L2, one prefetch per 64-byte line: a
+// block ahead's rows, spread over this block's heads. The heads read a block's rows strided, which
+// the hardware prefetcher does not follow: with no prefetch, or a burst per block into L1, the
+// blocked path streamed at ~45% of the bandwidth pass (measured in alternating processes, SmolLM2
+// heads at 1088 positions; into L2 two blocks ahead was the best of 1-4 blocks, L1/L2/NTA).
+template <typename T>
+inline void prefetch_part(const T* p, int64_t n, int64_t h, int64_t H) {
+  constexpr int64_t line = 64 / sizeof(T);
+  const int64_t part = ((n + H - 1) / H + line - 1) / line * line;
+  for (int64_t i = h * part; i < std::min(n, (h + 1) * part); i += line)
+    _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T1);
+}
+
+// The order load_head gives a head's D values in (n heads of D, D a multiple of 32), and back.
+template <typename T>
+inline void to_split(const float* x, float* y, int64_t n, int64_t D) {
+  if constexpr (std::is_same_v<T, bf16>)
+    for (int64_t i = 0; i < n * D; i += 32)
+      for (int j = 0; j < 16; ++j) y[i + j] = x[i + 2 * j], y[i + 16 + j] = x[i + 2 * j + 1];
+  else
+    std::copy(x, x + n * D, y);
+}
+template <typename T>
+inline void from_split(float* x, int64_t n, int64_t D) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    float t[32];
+    for (int64_t i = 0; i < n * D; i += 32) {
+      for (int j = 0; j < 16; ++j) t[2 * j] = x[i + j], t[2 * j + 1] = x[i + 16 + j];
+      std::copy(t, t + 32, x + i);
+    }
   }
+}
+
+// Scores of n <= 16 consecutive cached rows kr (row: a row's stride) for every head h = (k, g):
+// sc[h * len + r] = scale * q[h] . kr[r, k], and mx[16 h .. 16 h + 15] the running max per lane.
+// A head's 16 dot products are reduced together (sum16); rows past n repeat row n - 1 and are not
+// stored, so every block runs the same unrolled code. q in load_head's order; pf, pf_n: prefetch_part.
+template <int NV, typename T>
+inline void block_scores(const float* q, const T* kr, int64_t row, int64_t n, int64_t K, int64_t G, float scale,
+                         float* sc, int64_t len, float* mx, const T* pf, int64_t pf_n) {
+  constexpr int64_t D = 16 * NV;
+  const __mmask16 keep = tail_mask(n);
+  const __m512 sb = _mm512_set1_ps(scale);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = k * G + g;
+      prefetch_part(pf, pf_n, h, K * G);
+      __m512 qv[NV], acc[16];
+      load_head<NV>(q + h * D, qv);
+      UNROLL for (int r = 0; r < 16; ++r) {
+        __m512 x[NV];
+        load_head<NV>(kr + std::min<int64_t>(r, n - 1) * row + k * D, x);
+        acc[r] = _mm512_mul_ps(qv[0], x[0]);
+        UNROLL for (int j = 1; j < NV; ++j) acc[r] = _mm512_fmadd_ps(qv[j], x[j], acc[r]);
+      }
+      const __m512 s = _mm512_mul_ps(sum16(acc), sb);
+      _mm512_mask_storeu_ps(sc + h * len, keep, s);
+      const __m512 m = _mm512_loadu_ps(mx + 16 * h);
+      _mm512_storeu_ps(mx + 16 * h, _mm512_mask_max_ps(m, keep, m, s));
+    }
+}
+
+// o[h] += sum_r p[h * len + r] * vr[r, k] over n consecutive cached rows, every head; o [H, D] in
+// load_head's order, held in registers across the rows.
+template <int NV, typename T>
+inline void block_values(const float* p, int64_t len, const T* vr, int64_t row, int64_t n, int64_t K, int64_t G,
+                         float* o, const T* pf, int64_t pf_n) {
+  constexpr int64_t D = 16 * NV;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = k * G + g;
+      prefetch_part(pf, pf_n, h, K * G);
+      __m512 ov[NV];
+      load_head<NV>(o + h * D, ov);
+      for (int64_t r = 0; r < n; ++r) {
+        const __m512 pb = _mm512_set1_ps(p[h * len + r]);
+        __m512 x[NV];
+        load_head<NV>(vr + r * row + k * D, x);
+        UNROLL for (int j = 0; j < NV; ++j) ov[j] = _mm512_fmadd_ps(pb, x[j], ov[j]);
+      }
+      UNROLL for (int j = 0; j < NV; ++j) _mm512_storeu_ps(o + h * D + 16 * j, ov[j]);
+    }
 }
 
 template <typename T>
@@ -185,36 +271,20 @@ inline void prefetch_row(const T*, int64_t) {}
 
 #endif
 
-// One cached row (K heads of D) against every query head h = (k, g): sc[h * stride] = scale * q[h] . kr[k].
-// A bf16 row is widened once per KV head (dot_group); an f32 row is read per query head, which
-// streamed as fast or faster (A/B in one process, SmolLM2 heads at 1088 positions: grouped bf16
-// 14-19% faster at batch 1-16, grouped f32 +16% slower at batch 1, -5%..+1% at 8-16).
+// One cached row (K heads of D) against every query head h = (k, g): sc[h * stride] = scale * q[h] . kr[k]
+// (the portable path, and head dims other than 64 and 128).
 template <typename T>
 inline void row_scores(const float* q, const T* kr, int64_t K, int64_t G, int64_t D, float scale, float* sc,
                        int64_t stride) {
-  for (int64_t k = 0; k < K; ++k, q += G * D, kr += D, sc += G * stride) {
-#ifdef MESHLM_AVX512
-    if constexpr (std::is_same_v<T, bf16>) {
-      if (D == 64) { dot_group<4>(q, kr, G, scale, sc, stride); continue; }
-      if (D == 128) { dot_group<8>(q, kr, G, scale, sc, stride); continue; }
-    }
-#endif
+  for (int64_t k = 0; k < K; ++k, q += G * D, kr += D, sc += G * stride)
     for (int64_t g = 0; g < G; ++g) sc[g * stride] = scale * dot(q + g * D, kr, D);
-  }
 }
 
 // One cached row's values into every query head's output: o[h] += p[h * stride] * vr[k].
 template <typename T>
 inline void row_values(const float* p, int64_t stride, const T* vr, int64_t K, int64_t G, int64_t D, float* o) {
-  for (int64_t k = 0; k < K; ++k, p += G * stride, vr += D, o += G * D) {
-#ifdef MESHLM_AVX512
-    if constexpr (std::is_same_v<T, bf16>) {
-      if (D == 64) { axpy_group<4>(p, stride, vr, o, G); continue; }
-      if (D == 128) { axpy_group<8>(p, stride, vr, o, G); continue; }
-    }
-#endif
+  for (int64_t k = 0; k < K; ++k, p += G * stride, vr += D, o += G * D)
     for (int64_t g = 0; g < G; ++g) axpy(p[g * stride], vr, o + g * D, D);
-  }
 }
 
 // Cache positions row b attends to: 0..pos, all S when pos >= S or (a fully masked row) pos < 0.
@@ -223,6 +293,42 @@ inline int64_t attended(int32_t pos, int64_t S) { return pos < 0 || pos >= S ? S
 struct Dims {
   int64_t B, S, K, G, D, P, chunk;
 };
+
+#ifdef MESHLM_AVX512
+// chunk_softmax for D = 16 NV in blocks of 16 cached rows: each block is read from memory once and
+// again from L1 for each query head; o in registers across a block's rows.
+template <int NV, typename T>
+inline void blocked_softmax(const float* q, const T* kr, const T* vr, int64_t row, int64_t K, int64_t G, float scale,
+                            int64_t len, float* m, float* l, float* o) {
+  constexpr int64_t D = 16 * NV, R = 16;
+  const int64_t H = K * G;
+  std::vector<float> qs(H * D), sc(H * len), mx(16 * H, -std::numeric_limits<float>::infinity());
+  to_split<T>(q, qs.data(), H, D);
+  // The K blocks, then the V blocks, are one stream: block i prefetches block i + kAhead's rows, and
+  // the first kAhead blocks are fetched at the start.
+  const int64_t nb = (len + R - 1) / R;
+  auto block = [&](int64_t i) -> std::pair<const T*, int64_t> {  // block i of the stream: (rows, elements)
+    if (i >= 2 * nb) return {kr, 0};
+    const int64_t s = (i % nb) * R;
+    return {(i < nb ? kr : vr) + s * row, std::min(R, len - s) * row};
+  };
+  for (int64_t i = 0; i < std::min(kAhead, 2 * nb); ++i) prefetch_part(block(i).first, block(i).second, 0, 1);
+  for (int64_t i = 0; i < nb; ++i) {
+    const auto [pf, pf_n] = block(i + kAhead);
+    block_scores<NV>(qs.data(), kr + i * R * row, row, std::min(R, len - i * R), K, G, scale, sc.data() + i * R, len,
+                     mx.data(), pf, pf_n);
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    m[h] = _mm512_reduce_max_ps(_mm512_loadu_ps(mx.data() + 16 * h));
+    l[h] = exp_sum(sc.data() + h * len, len, m[h]);
+  }
+  for (int64_t i = 0; i < nb; ++i) {
+    const auto [pf, pf_n] = block(nb + i + kAhead);
+    block_values<NV>(sc.data() + i * R, len, vr + i * R * row, row, std::min(R, len - i * R), K, G, o, pf, pf_n);
+  }
+  from_split<T>(o, H, D);
+}
+#endif
 
 // Positions [s0, s1) of row b, every query head h = (k, g) (H = K * G): unnormalized
 // o[h] = sum_s e^(score - m[h]) v[s, k], with m[h] the chunk's max score and l[h] the sum of the
@@ -235,9 +341,14 @@ inline void chunk_softmax(const Dims& n, const float* q, const T* k, const T* v,
   std::memset(o, 0, sizeof(float) * H * D);
   for (int64_t h = 0; h < H; ++h) m[h] = -std::numeric_limits<float>::infinity(), l[h] = 0.f;
   if (len <= 0) return;
-  std::vector<float> sc(H * len);
   const float* qb = q + b * H * D;
   const T* kr = k + (b * n.S + s0) * row;
+  const T* vr = v + (b * n.S + s0) * row;
+#ifdef MESHLM_AVX512
+  if (!uniform && D == 64) return blocked_softmax<4>(qb, kr, vr, row, n.K, G, scale, len, m, l, o);
+  if (!uniform && D == 128) return blocked_softmax<8>(qb, kr, vr, row, n.K, G, scale, len, m, l, o);
+#endif
+  std::vector<float> sc(H * len);
   for (int64_t s = 0; s < len; ++s, kr += row) {
     if (s + kPrefetchRows < len) prefetch_row(kr + kPrefetchRows * row, row);
     if (uniform)
@@ -251,7 +362,6 @@ inline void chunk_softmax(const Dims& n, const float* q, const T* k, const T* v,
     m[h] = mx;
     l[h] = exp_sum(sc.data() + h * len, len, mx);
   }
-  const T* vr = v + (b * n.S + s0) * row;
   for (int64_t s = 0; s < len; ++s, vr += row) {
     if (s + kPrefetchRows < len) prefetch_row(vr + kPrefetchRows * row, row);
     row_values(sc.data() + s, len, vr, n.K, G, D, o);

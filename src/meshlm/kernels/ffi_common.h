@@ -19,6 +19,8 @@
 #include <immintrin.h>
 #endif
 
+#define UNROLL _Pragma("GCC unroll 16")  // fixed-trip tile loops: keep accumulators in registers
+
 namespace meshlm {
 
 #if defined(__AVX512F__)

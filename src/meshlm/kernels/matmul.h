@@ -24,8 +24,6 @@
 #define MESHLM_AVX512 1
 #endif
 
-#define UNROLL _Pragma("GCC unroll 16")  // fixed-trip tile loops: keep accumulators in registers
-
 namespace meshlm {
 namespace matmul {
 
