@@ -50,6 +50,8 @@ def test_cli_writes_a_loadable_spec(tmp_path, capsys):
     assert [b for b, _ in spec["prefill_score_curve"]] == [1, 2]
     assert spec["prefill_score_curve"][0][1] == spec["score_elem_s"]["prefill"]
     assert min([spec["logit_elem_s"], *(v for f in per_phase for v in spec[f].values())]) >= 0
+    # decode attention timed on each KV cache format the engine offers
+    assert set(spec["kv_format_elem_s"]) == {"f32", "bf16"} and min(spec["kv_format_elem_s"].values()) >= 0
 
 
 def test_int8_rate_and_f32_cache_reach_the_cost_model():
@@ -96,6 +98,11 @@ def test_attention_terms_are_what_bandwidth_and_flops_leave_over():
     slow = attention_fields({**attn, "decode_s": 2 * elems * 4 / 2e10, "prefill_batches": [(1, floor / 2)]},
                             2e10, 1e11, 4)
     assert slow["kv_elem_s"]["decode"] == pytest.approx(4 / 2e10, rel=1e-6)
+    assert "kv_format_elem_s" not in f  # measure_attention before it timed each format
+    # the bf16 cache at half the f32 time streams at the bandwidth; at the f32 time, 2 bytes' worth over
+    fmt = attention_fields({**attn, "decode_s_by_format": {"f32": elems * 4 / 2e10, "bf16": elems * 4 / 2e10}},
+                           2e10, 1e11, 4)["kv_format_elem_s"]
+    assert fmt["f32"] == pytest.approx(0.0, abs=1e-15) and fmt["bf16"] == pytest.approx(2 / 2e10, rel=1e-6)
     assert slow["score_elem_s"]["prefill"] == 0.0 and slow["prefill_score_curve"] == [[1, 0.0]]
 
 

@@ -269,6 +269,26 @@ def test_kv_cache_format_sets_the_bytes_read_held_and_the_measured_extra():
     assert tpu[1].memory["kv_cache"] == pytest.approx(2 * tpu[0].memory["kv_cache"], rel=1e-12)
 
 
+def test_a_per_format_measured_extra_replaces_the_per_byte_one():
+    """calibrate times the decode attention on each cache format: a bf16 cache is priced at its
+    own seconds per element (here 3x the f32 one, though it streams half the bytes), an f32 cache
+    at the f32 one, and prefill keeps kv_elem_s."""
+    cfg = preset("palm-62b")
+    chip = calibrated(kv_elem_s=(("prefill", 1e-10), ("decode", 3e-10)),
+                      kv_format_elem_s=(("f32", 1e-11), ("bf16", 3e-11)))
+    f32, bf16 = (estimate(cfg, chip, Layout("ws2d", "heads", "f32", ONE, kv_cache=kv), "decode", 8, 1024, 16)
+                 for kv in (None, "bf16"))
+    assert bf16.breakdown["kv_extra"] == pytest.approx(3 * f32.breakdown["kv_extra"], rel=1e-12)
+    assert f32.breakdown["kv_extra"] > 0
+    elems = f32.breakdown["kv_load"] * chip.hbm_bw / 4  # the f32 cache's elements read per step
+    assert f32.breakdown["kv_extra"] == pytest.approx(1e-11 * elems, rel=1e-12)
+    per_byte = estimate(cfg, calibrated(kv_elem_s=(("decode", 3e-10),)),
+                        Layout("ws2d", "heads", "f32", ONE, kv_cache="bf16"), "decode", 8, 1024, 16)
+    assert per_byte.breakdown["kv_extra"] == pytest.approx(3e-10 * elems / 2, rel=1e-12)
+    with pytest.raises(MeshlmError, match="kv_format_elem_s"):
+        calibrated(kv_format_elem_s=(("int8", 1e-11),))
+
+
 def test_layout_kv_cache_format_is_checked_and_shown():
     lay = Layout("ws2d", "heads", "int8", ONE, kv_cache="bf16")
     assert str(lay).endswith("+kv-bf16") and lay.to_dict()["kv_cache"] == "bf16" and lay.short == "ws2d/heads"

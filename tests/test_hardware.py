@@ -98,7 +98,7 @@ MEASURED = {"matmul_curve": {"f32": [[1, 1e10], [4, 4e10], [64, 2e11]], "int8": 
             "pass_overhead_s": {"prefill": 0.03, "decode": 0.001}, "layer_overhead_s": {"prefill": 1e-4, "decode": 2e-5},
             "logit_elem_s": 1e-9, "score_elem_s": {"prefill": 5e-9, "decode": 8e-9},
             "kv_elem_s": {"prefill": 1e-10, "decode": 2e-10}, "act_elem_s": {"prefill": 8e-10},
-            "prefill_score_curve": [[1, 4e-9], [4, 1e-9]]}
+            "prefill_score_curve": [[1, 4e-9], [4, 1e-9]], "kv_format_elem_s": {"f32": 1e-11, "bf16": 3e-11}}
 HOST = {"name": "cpu-host", "peak_flops": 2e11, "hbm_bytes": 24 * GiB, "hbm_bw": 2.5e10, "link_bw": 1e10,
         "topology": "switch", "switch_domain": 1, "vendor_peaks": [], "flops_efficiency": 1.0, "hbm_efficiency": 1.0}
 
@@ -130,12 +130,13 @@ def test_measured_fields_round_trip_and_old_specs_load(tmp_path):
     assert load_chip(str(p)) == c
     on_disk = json.loads(p.read_text())
     assert on_disk["matmul_curve"]["int8"] == [[1, 2e10], [64, 1e11]] and on_disk["pass_overhead_s"]["decode"] == 0.001
+    assert on_disk["kv_format_elem_s"] == {"f32": 1e-11, "bf16": 3e-11}
     p.write_text(json.dumps(HOST))  # a spec written before these fields existed
     old = load_chip(str(p))
     assert old.matmul_curve == () and old.overhead_s("prefill", 30) == 0 and old.logit_elem_s == 0
     # a preset's JSON has none of them (what `meshlm paper` prices is unchanged)
     assert not {"matmul_curve", "pass_overhead_s", "layer_overhead_s", "logit_elem_s", "score_elem_s", "kv_elem_s",
-                "act_elem_s", "prefill_score_curve"} & set(
+                "act_elem_s", "prefill_score_curve", "kv_format_elem_s"} & set(
         CHIPS["tpu-v4"].to_dict())
 
 
@@ -147,6 +148,8 @@ def test_measured_fields_round_trip_and_old_specs_load(tmp_path):
     ("layer_overhead_s", {"decode": -1e-3}, "layer_overhead_s"),
     ("score_elem_s", [1, 2], "score_elem_s"),
     ("kv_elem_s", {"decode": "x"}, "kv_elem_s"),
+    ("kv_format_elem_s", {"int8": 1e-11}, "KV format"),
+    ("kv_format_elem_s", {"bf16": -1e-11}, "kv_format_elem_s"),
     ("act_elem_s", {"prefill": -1e-9}, "act_elem_s"),
     ("prefill_score_curve", [[4, 1e-9], [1, 2e-9]], "increasing"),
     ("prefill_score_curve", [[1, -1e-9]], "prefill_score_curve"),

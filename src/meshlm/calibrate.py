@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from meshlm import quant
+from meshlm.layouts import BYTES_PER_WEIGHT
 
 
 @dataclass
@@ -257,18 +258,19 @@ ATTN_PREFILL_BATCHES, ATTN_PREFILL_BATCHES_QUICK = (1, 2, 4), (1, 2)
 
 def measure_attention(mesh, n: int, quick: bool = False, min_bytes: int = 256 << 20, log=print) -> dict:
     """Seconds per layer of the engine's decode attention (`model.attend_one`: one query per row
-    against a [B, S, K, D] f32 cache at its last position) and prefill attention
+    against a [B, S, K, D] cache at its last position, in each KV format) and prefill attention
     (`model.attend_causal` over B x L prompts, at each batch of ATTN_PREFILL_BATCHES), every device
     at once, with the shapes timed.
     Decode chains enough layers to stream min_bytes of cache per device, as a real step does;
     prefill chains 8 layers (2 quick), each query the last layer's output."""
+    from meshlm.layouts import KV_FORMATS
     from meshlm.model import attend_causal, attend_one
+    from meshlm.sharded import KV_DTYPES
 
     rng = np.random.default_rng(0)
     dshape, pshape = (ATTN_DECODE_QUICK, ATTN_PREFILL_QUICK) if quick else (ATTN_DECODE, ATTN_PREFILL)
     B, S, K, G, D = dshape
     layers = max(1, math.ceil((4 << 20 if quick else min_bytes) / (2 * B * S * K * D * 4)))
-    caches = [_put(mesh, jnp.asarray(rng.standard_normal((n * B, S, K, D), np.float32))) for _ in range(2 * layers)]
     q = _put(mesh, jnp.asarray(rng.standard_normal((n * B, K, G, D), np.float32)))
     pos = _put(mesh, jnp.full((n * B,), S - 1, jnp.int32))
 
@@ -278,9 +280,13 @@ def measure_attention(mesh, n: int, quick: bool = False, min_bytes: int = 256 <<
             o = attend_one(o, kv[2 * i], kv[2 * i + 1], pos) * 0.5 + q
         return o
 
-    f = _per_device(mesh, decode, q, pos, *caches)
-    t_dec = _time(lambda: f(q, pos, *caches)) / layers
-    del caches
+    t_dec = {}
+    for fmt in KV_FORMATS:  # the same elements in each cache format the engine offers
+        caches = [_put(mesh, jnp.asarray(rng.standard_normal((n * B, S, K, D), np.float32)).astype(KV_DTYPES[fmt]))
+                  for _ in range(2 * layers)]
+        f = _per_device(mesh, decode, q, pos, *caches)
+        t_dec[fmt] = _time(lambda: f(q, pos, *caches)) / layers
+        del caches
     _, L, K, G, D = pshape
     chain = 2 if quick else 8
 
@@ -299,19 +305,23 @@ def measure_attention(mesh, n: int, quick: bool = False, min_bytes: int = 256 <<
         lengths = _put(mesh, jnp.full((n * B,), L, jnp.int32))
         g = _per_device(mesh, prefill, qp, kp, vp, lengths)
         batches.append((B, _time(lambda: g(qp, kp, vp, lengths)) / chain))
-    log(f"  decode {t_dec * 1e3:.3f} ms per layer (B, S, K, G, D = {dshape}), prefill per layer "
+    log(f"  decode " + ", ".join(f"{t * 1e3:.3f} ms ({fmt})" for fmt, t in t_dec.items())
+        + f" per layer (B, S, K, G, D = {dshape}), prefill per layer "
         + ", ".join(f"{t * 1e3:.2f} ms at B = {B}" for B, t in batches) + f" (L, K, G, D = {pshape[1:]})")
-    return {"decode_s": t_dec, "decode_shape": dshape, "prefill_shape": pshape, "prefill_batches": batches}
+    return {"decode_s": t_dec["f32"], "decode_s_by_format": t_dec, "decode_shape": dshape, "prefill_shape": pshape, "prefill_batches": batches}
 
 
 def attention_fields(attn: dict, mem_bw: float, flops: float, act_bytes: int) -> dict:
     """The cost model's attention terms from measure_attention: what the bandwidth read of K/V
     (decode) and the larger of the score FLOPs and the K/V read (prefill) do not explain goes to
-    kv_elem_s (decode, per cached K/V element) and score_elem_s (prefill, per score of the cost
-    model's full L x L count; at each batch timed: prefill_score_curve). Never negative."""
+    kv_elem_s (decode, per cached K/V element of an f32 cache), kv_format_elem_s (the same per
+    cache format timed) and score_elem_s (prefill, per score of the cost model's full L x L count;
+    at each batch timed: prefill_score_curve). Never negative."""
     B, S, K, G, D = attn["decode_shape"]
     elems = 2 * B * S * K * D
     kv_dec = max(0.0, attn["decode_s"] / elems - act_bytes / mem_bw)
+    by_format = {fmt: max(0.0, t / elems - BYTES_PER_WEIGHT[fmt] / mem_bw)
+                 for fmt, t in attn.get("decode_s_by_format", {}).items()}
     _, L, K, G, D = attn["prefill_shape"]
 
     def per_score(B: int, t: float) -> float:
@@ -321,7 +331,7 @@ def attention_fields(attn: dict, mem_bw: float, flops: float, act_bytes: int) ->
 
     curve = [[B, per_score(B, t)] for B, t in attn["prefill_batches"]]
     return {"score_elem_s": {"prefill": curve[0][1], "decode": 0.0}, "prefill_score_curve": curve,
-            "kv_elem_s": {"prefill": 0.0, "decode": kv_dec}}
+            "kv_elem_s": {"prefill": 0.0, "decode": kv_dec}, **({"kv_format_elem_s": by_format} if by_format else {})}
 
 
 ROUND_PASSES = 7  # passes per round of the peak matmuls and the bandwidth; rounds at 5 points of calibrate()

@@ -304,9 +304,15 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     # materialised (and masked, softmaxed) at a measured cost per score, and every pass has fixed
     # costs plus sampling over the B x V logits.
     scores = chip.score_elem(phase, b_served / split) * tokens * kv_len * h_served * cfg.n_layers / n
-    # kv_elem_s was measured per element of an act_bytes cache: priced per byte read, so a narrower
-    # cache (bf16 on CPU) costs in proportion to the bytes it streams
-    kv_extra = dict(chip.kv_elem_s).get(phase, 0.0) * kv_bytes_dev / chip.act_bytes
+    # per element of the layout's cache format where calibrate timed that format; else kv_elem_s,
+    # measured per element of an act_bytes cache, priced per byte read
+    kv_elem = layout.kv_elem_bytes(chip.act_bytes)
+    by_format = dict(chip.kv_format_elem_s)
+    fmt = layout.kv_cache or {4: "f32", 2: "bf16"}.get(chip.act_bytes)
+    if phase == "decode" and fmt in by_format:
+        kv_extra = by_format[fmt] * kv_bytes_dev / kv_elem
+    else:
+        kv_extra = dict(chip.kv_elem_s).get(phase, 0.0) * kv_bytes_dev / chip.act_bytes
     overhead = (chip.overhead_s(phase, cfg.n_layers) + chip.logit_elem_s * b_served * cfg.vocab
                 + dict(chip.act_elem_s).get(phase, 0.0) * tokens * layer_act_elems(cfg) * cfg.n_layers / n)
     return PassCost(matmul, attn, wmem, kvmem, exposed, lat_s, nbytes, scores, kv_extra, overhead)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from meshlm.errors import MeshlmError
-from meshlm.layouts import MeshShape
+from meshlm.layouts import KV_FORMATS, MeshShape
 from meshlm.paths import home
 
 TOPOLOGIES = ("3d-torus", "2d-torus", "nvlink-switch", "switch")
@@ -71,6 +71,10 @@ class ChipSpec:
     # per phase: seconds per cached K/V element a pass reads, beyond the bandwidth term (the
     # engine's per-position K/V handling: slice copies, writes back)
     kv_elem_s: tuple[tuple[str, float], ...] = ()
+    # decode's seconds per cached K/V element beyond the bandwidth term, per cache format measured
+    # (layouts.KV_FORMATS), e.g. (("f32", 2e-11), ("bf16", 3e-11)): replaces kv_elem_s["decode"]
+    # (which is priced per byte) for a cache of that format; the bf16 kernel does more per byte
+    kv_format_elem_s: tuple[tuple[str, float], ...] = ()
     # per phase: seconds per activation element a layer writes between its matmuls, per token
     # (norms, RoPE, the attention's reshapes, residuals, the gated activation;
     # costmodel.layer_act_elems)
@@ -107,6 +111,10 @@ class ChipSpec:
                 if phase not in ("prefill", "decode") or not _nonnegative(v):
                     raise MeshlmError(f"chip {self.name!r}: {what} maps prefill/decode to seconds >= 0, "
                                       f"got {phase!r}: {v!r}")
+        for fmt, v in self.kv_format_elem_s:
+            if fmt not in KV_FORMATS or not _nonnegative(v):
+                raise MeshlmError(f"chip {self.name!r}: kv_format_elem_s maps a KV format "
+                                  f"({', '.join(KV_FORMATS)}) to seconds >= 0, got {fmt!r}: {v!r}")
         if not _nonnegative(self.logit_elem_s):
             raise MeshlmError(f"chip {self.name!r}: logit_elem_s must be a number >= 0")
         if self.topology.endswith("torus") and self.torus_dims != int(self.topology[0]):
@@ -210,6 +218,7 @@ class ChipSpec:
         d["weight_flops"] = [list(p) for p in self.weight_flops]
         # the measured fields are written only when present: a preset's JSON stays what it was
         for f, empty in (("matmul_curve", ()), ("logit_elem_s", 0.0), ("prefill_score_curve", ()),
+                         ("kv_format_elem_s", ()),
                          *((f, ()) for f in PHASE_FIELDS)):
             if getattr(self, f) == empty:
                 del d[f]
@@ -217,7 +226,7 @@ class ChipSpec:
             d["matmul_curve"] = {fmt: [list(p) for p in pts] for fmt, pts in self.matmul_curve}
         if self.prefill_score_curve:
             d["prefill_score_curve"] = [list(p) for p in self.prefill_score_curve]
-        for f in PHASE_FIELDS:
+        for f in (*PHASE_FIELDS, "kv_format_elem_s"):
             if getattr(self, f):
                 d[f] = dict(getattr(self, f))
         return d
@@ -303,12 +312,13 @@ def chip_from_dict(d: Any, where: str = "chip spec") -> ChipSpec:
             d["prefill_score_curve"] = tuple((int(b), v) for b, v in d["prefill_score_curve"])
         except (TypeError, ValueError):
             raise MeshlmError(f"{where}: prefill_score_curve must be a list of [batch, seconds] pairs") from None
-    for f in PHASE_FIELDS:
+    for f in (*PHASE_FIELDS, "kv_format_elem_s"):
         if f in d:
             try:
                 d[f] = tuple((str(k), v) for k, v in _pairs(d[f]))
             except (TypeError, ValueError):
-                raise MeshlmError(f"{where}: {f} must map prefill/decode to seconds") from None
+                keys = "a KV format" if f == "kv_format_elem_s" else "prefill/decode"
+                raise MeshlmError(f"{where}: {f} must map {keys} to seconds") from None
     try:
         return ChipSpec(**d)
     except TypeError as e:
