@@ -66,7 +66,9 @@ def run(args) -> int:
         per_score = ", ".join(f"{v * 1e9:.3f}" for _, v in curve)
         print(f"  sampling {spec['logit_elem_s'] * 1e9:.3f} ns per logit; attention beyond FLOPs and bandwidth: "
               f"prefill {per_score} ns per score (batch {', '.join(str(b) for b, _ in curve)}), decode "
-              f"{kv.get('decode', 0) * 1e9:.3f} ns per cached K/V element; prefill "
+              f"{kv.get('decode', 0) * 1e9:.3f} ns per cached K/V element ("
+              + ", ".join(f"{fmt} {v * 1e9:.3f}" for fmt, v in spec.get("kv_format_elem_s", {}).items())
+              + "); prefill "
               f"{spec['act_elem_s'].get('prefill', 0) * 1e9:.3f} ns per activation element")
         print(f"  {'tiny model':40s} {'measured ms':>11s} {'fitted ms':>9s}")
         for s in samples:
