@@ -310,7 +310,8 @@ def _row(d, c: Config, m: dict, bws: list[float]) -> dict:
     lay = d.layouts
     row = {"pair": c.pair, "prefill_layout": lay["prefill"].short, "decode_layout": lay["decode"].short,
            "mesh": str(lay["decode"].mesh), "weights": lay["decode"].weights, "kv_cache": cache_format(d),
-           "batch": c.batch, "input_len": c.input_len, "gen_len": c.gen_len, "chip": d.chip.name, **m, **utilization(d, c, m),
+           "batch": c.batch, "input_len": c.input_len, "gen_len": c.gen_len, "chip": d.chip.name,
+           **m, **utilization(d, c, m),
            "predicted_ttft_s": p["ttft_s"], "predicted_decode_s": p["decode_s"],
            "ttft_rel_err": rel_err(m["ttft_s"], p["ttft_s"]),
            "decode_rel_err": rel_err(m["decode_p50_s"], p["decode_s"]),

@@ -308,7 +308,8 @@ def measure_attention(mesh, n: int, quick: bool = False, min_bytes: int = 256 <<
     log(f"  decode " + ", ".join(f"{t * 1e3:.3f} ms ({fmt})" for fmt, t in t_dec.items())
         + f" per layer (B, S, K, G, D = {dshape}), prefill per layer "
         + ", ".join(f"{t * 1e3:.2f} ms at B = {B}" for B, t in batches) + f" (L, K, G, D = {pshape[1:]})")
-    return {"decode_s": t_dec["f32"], "decode_s_by_format": t_dec, "decode_shape": dshape, "prefill_shape": pshape, "prefill_batches": batches}
+    return {"decode_s": t_dec["f32"], "decode_s_by_format": t_dec, "decode_shape": dshape,
+            "prefill_shape": pshape, "prefill_batches": batches}
 
 
 def attention_fields(attn: dict, mem_bw: float, flops: float, act_bytes: int) -> dict:

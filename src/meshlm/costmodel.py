@@ -167,7 +167,8 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ffn": self.ffn, "attention": self.attention, "weights": self.weights, "mesh": self.mesh,
-                "kv_cache": self.layout.kv_cache, "n_chips": self.layout.mesh.n, "phase": self.phase, "batch": self.batch,
+                "kv_cache": self.layout.kv_cache, "n_chips": self.layout.mesh.n, "phase": self.phase,
+                "batch": self.batch,
                 "input_len": self.input_len, "gen_len": self.gen_len, "latency_s": self.latency_s,
                 "step_latency_s": self.step_latency_s, "mfu": self.mfu,
                 "cost_chip_ms_per_token": self.cost_chip_ms_per_token,
@@ -306,11 +307,9 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     scores = chip.score_elem(phase, b_served / split) * tokens * kv_len * h_served * cfg.n_layers / n
     # per element of the layout's cache format where calibrate timed that format; else kv_elem_s,
     # measured per element of an act_bytes cache, priced per byte read
-    kv_elem = layout.kv_elem_bytes(chip.act_bytes)
-    by_format = dict(chip.kv_format_elem_s)
-    fmt = layout.kv_cache or {4: "f32", 2: "bf16"}.get(chip.act_bytes)
-    if phase == "decode" and fmt in by_format:
-        kv_extra = by_format[fmt] * kv_bytes_dev / kv_elem
+    per_elem = dict(chip.kv_format_elem_s).get(layout.kv_format(chip.act_bytes)) if phase == "decode" else None
+    if per_elem is not None:
+        kv_extra = per_elem * kv_bytes_dev / layout.kv_elem_bytes(chip.act_bytes)
     else:
         kv_extra = dict(chip.kv_elem_s).get(phase, 0.0) * kv_bytes_dev / chip.act_bytes
     overhead = (chip.overhead_s(phase, cfg.n_layers) + chip.logit_elem_s * b_served * cfg.vocab

@@ -28,6 +28,7 @@ from meshlm.paths import home
 TOPOLOGIES = ("3d-torus", "2d-torus", "nvlink-switch", "switch")
 # the measured fields that map each phase (prefill, decode) to seconds
 PHASE_FIELDS = ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s", "act_elem_s")
+MAP_FIELDS = (*PHASE_FIELDS, "kv_format_elem_s")  # the measured fields that map a key to seconds
 GiB = 1024**3
 
 
@@ -218,15 +219,14 @@ class ChipSpec:
         d["weight_flops"] = [list(p) for p in self.weight_flops]
         # the measured fields are written only when present: a preset's JSON stays what it was
         for f, empty in (("matmul_curve", ()), ("logit_elem_s", 0.0), ("prefill_score_curve", ()),
-                         ("kv_format_elem_s", ()),
-                         *((f, ()) for f in PHASE_FIELDS)):
+                         *((f, ()) for f in MAP_FIELDS)):
             if getattr(self, f) == empty:
                 del d[f]
         if self.matmul_curve:
             d["matmul_curve"] = {fmt: [list(p) for p in pts] for fmt, pts in self.matmul_curve}
         if self.prefill_score_curve:
             d["prefill_score_curve"] = [list(p) for p in self.prefill_score_curve]
-        for f in (*PHASE_FIELDS, "kv_format_elem_s"):
+        for f in MAP_FIELDS:
             if getattr(self, f):
                 d[f] = dict(getattr(self, f))
         return d
@@ -312,7 +312,7 @@ def chip_from_dict(d: Any, where: str = "chip spec") -> ChipSpec:
             d["prefill_score_curve"] = tuple((int(b), v) for b, v in d["prefill_score_curve"])
         except (TypeError, ValueError):
             raise MeshlmError(f"{where}: prefill_score_curve must be a list of [batch, seconds] pairs") from None
-    for f in (*PHASE_FIELDS, "kv_format_elem_s"):
+    for f in MAP_FIELDS:
         if f in d:
             try:
                 d[f] = tuple((str(k), v) for k, v in _pairs(d[f]))

@@ -190,6 +190,11 @@ class Layout:
         """Bytes per cached K/V element: the KV format's, else the activations' (`act_bytes`)."""
         return BYTES_PER_WEIGHT[self.kv_cache] if self.kv_cache else act_bytes
 
+    def kv_format(self, act_bytes: int) -> str | None:
+        """The KV format the cache is held in: the layout's, else the activations' (f32 for 4
+        bytes, bf16 for 2; None for any other width)."""
+        return self.kv_cache or {4: "f32", 2: "bf16"}.get(act_bytes)
+
     @property
     def short(self) -> str:
         """'ws2d/batch', the form the CLI takes for --prefill-layout / --decode-layout."""

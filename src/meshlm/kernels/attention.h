@@ -312,7 +312,10 @@ inline void blocked_softmax(const float* q, const T* kr, const T* vr, int64_t ro
     const int64_t s = (i % nb) * R;
     return {(i < nb ? kr : vr) + s * row, std::min(R, len - s) * row};
   };
-  for (int64_t i = 0; i < std::min(kAhead, 2 * nb); ++i) prefetch_part(block(i).first, block(i).second, 0, 1);
+  for (int64_t i = 0; i < std::min(kAhead, 2 * nb); ++i) {
+    const auto [p, p_n] = block(i);
+    prefetch_part(p, p_n, 0, 1);
+  }
   for (int64_t i = 0; i < nb; ++i) {
     const auto [pf, pf_n] = block(i + kAhead);
     block_scores<NV>(qs.data(), kr + i * R * row, row, std::min(R, len - i * R), K, G, scale, sc.data() + i * R, len,
