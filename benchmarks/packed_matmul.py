@@ -32,11 +32,13 @@ from meshlm.cli import int_list
 E, F = 576, 1536
 
 
-def _chain(mm):
+def _chain(mm, c):
     @jax.jit
     def run(x, ws):
         for a, b in ws:
-            x = mm(mm(x, a), b) * 0.01  # keeps the chained activation near unit size
+            # c keeps the chained activation near unit size: one that grows to inf or NaN, or
+            # shrinks into denormals, takes other (slower or faster) paths than real activations
+            x = mm(mm(x, a), b) * c
         return x
     return run
 
@@ -62,9 +64,12 @@ def main() -> int:
         row_major = [(jnp.asarray(a), jnp.asarray(b)) for a, b in mats]
         packed = [(jnp.asarray(quant.pack_panels(a)), jnp.asarray(quant.pack_panels(b))) for a, b in mats]
         xla = (lambda x, w: jnp.dot(x, w)) if wts == "f32" else quant.xla_dot_rows
-        ways = {"kernel": (_chain(kernels.packed_matmul), packed),
-                "xla_unpacked": (_chain(lambda x, w: xla(x, quant.unpack_panels(w))), packed),
-                "xla_row_major": (_chain(xla), row_major)}
+        a, b = mats[0]  # |x @ a| ~ |x| rms(a) sqrt(E): undo a layer's gain
+        c = float(1 / (np.sqrt(np.mean(np.square(a, dtype=np.float64)) * E)
+                       * np.sqrt(np.mean(np.square(b, dtype=np.float64)) * F)))
+        ways = {"kernel": (_chain(kernels.packed_matmul, c), packed),
+                "xla_unpacked": (_chain(lambda x, w: xla(x, quant.unpack_panels(w)), c), packed),
+                "xla_row_major": (_chain(xla, c), row_major)}
         wbytes = sum(a.nbytes + b.nbytes for a, b in mats)
         for M in args.m:
             x = jnp.asarray(rng.standard_normal((M, E), np.float32))

@@ -8,6 +8,11 @@ in the same run: time to first token and decode time per token at each batch siz
 llama-cpp-python compiles from source (~10 minutes on 2 cores), so it is not a project
 dependency: install it into its own virtualenv, e.g.
     python -m venv /work/llamacpp-venv && /work/llamacpp-venv/bin/pip install llama-cpp-python
+On a CPU with AMX (Intel Sapphire Rapids and later) llama.cpp 0.3.36's -march=native build crashed in
+its AMX matmul (ldtilecfg: general protection fault) on the 2026-12-06 Intel VM; build it without AMX:
+    CMAKE_ARGS="-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \\
+                -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" \\
+        /work/llamacpp-venv/bin/pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
 llama.cpp is then driven by that interpreter (--llama-python, or $MESHLM_LLAMA_PYTHON, default
 /work/llamacpp-venv/bin/python; or this one when it can import llama_cpp), in a child process
 running this file with --worker. Without it the script says so and exits 2.
@@ -99,6 +104,26 @@ def llama_python(explicit: str | None) -> str | None:
     return None
 
 
+def worker_failure(returncode: int, stderr: str) -> str:
+    """One message for a worker that failed: how it ended (a signal by name: llama.cpp crashes in C,
+    with its log as the last thing on stderr) and the lines that say why, not the last of its log."""
+    import signal
+
+    how = f"exit status {returncode}"
+    if returncode < 0:
+        try:
+            how = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"killed by signal {-returncode}"
+    lines = stderr.strip().splitlines()
+    why = [ln for ln in lines if ln.startswith(("Traceback", "  File", "Error", "error")) or "Error:" in ln]
+    hint = ("; a crash inside llama.cpp's CPU backend usually means the wheel was built for an ISA this host "
+            "runs badly (on the Intel host of 2026-12-06 its AMX path crashed: rebuild with AMX off, see this "
+            "file's docstring)") if returncode < 0 else ""
+    tail = "\n".join((why or lines)[-12:])
+    return f"llama.cpp worker failed ({how}){hint}:\n{tail}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
@@ -143,7 +168,7 @@ def main(argv=None) -> int:
                             "--threads", str(args.threads), "--repeats", str(args.repeats)],
                            input=json.dumps(ids), capture_output=True, text=True)
         if r.returncode != 0:
-            print(f"llama.cpp worker failed: {r.stderr.strip()[-2000:]}", file=sys.stderr)
+            print(worker_failure(r.returncode, r.stderr), file=sys.stderr)
             return 2
         ll = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"llama.cpp (GGUF quant, {args.threads} threads) B={B}: TTFT {ll['ttft_s'] * 1e3:7.1f} ms  decode "

@@ -13,8 +13,12 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ffi_common.h"
@@ -22,6 +26,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define MESHLM_AVX512 1
+#if defined(__AVX512VNNI__)
+#define MESHLM_VNNI 1
+#endif
 #endif
 
 namespace meshlm {
@@ -32,11 +39,38 @@ constexpr int PW = 64;   // columns of q per panel: one cache line of int8
 constexpr int CT = 4;    // rows of q per tile (matmul_t_rows; 2 * CT for 1-2 rows of x)
 constexpr int RB = 32;   // rows of q per block
 constexpr int kPrefetchBytes = 256;
-constexpr int kPackedPrefetchBytes = 1024;  // 16 rows ahead in a packed panel (measured best of 512-2048)
+
 constexpr int64_t kStreamMaxM = 8;  // rows of x up to which a packed matmul is memory-bound (packed_split)
 constexpr int64_t kSplitRows = 16;  // a thread's share of a packed weight is a multiple of this many panel rows
 
 #ifdef MESHLM_AVX512
+
+// How far ahead a packed weight stream is prefetched, and into which cache, per CPU vendor. AMD
+// Zen 4/5: into L1, 1024 bytes ahead for int8 and 4096 for f32 (16 panel rows; best of 512-2048
+// measured for int8). Intel (the 2-core Xeon VM with AMX, 2026-12-06): 8192 bytes into L2 for
+// both, measured in alternating runs of the int8 batch-1 decode step: 1024 into L1 6.36 ms, 2048
+// 5.75, 4096 5.66; into L2 4096 4.99, 8192 4.76, 16384-32768 no better; batch 4 8.87 -> 7.42-7.77,
+// f32 batch 1 21.75 -> 20.5. A 2-core slice of a big Intel part keeps fewer misses in flight per
+// core than the stream needs at the shorter distance.
+struct StreamAhead {
+  int int8_bytes, f32_bytes;
+  bool into_l2;
+  template <typename W>
+  int bytes() const { return sizeof(W) == 1 ? int8_bytes : f32_bytes; }
+};
+
+inline const StreamAhead& stream_ahead() {
+  static const StreamAhead a = __builtin_cpu_is("amd") ? StreamAhead{1024, 4096, false} : StreamAhead{8192, 8192, true};
+  return a;
+}
+
+// The n cache lines from p on: into L2 or L1 (_mm_prefetch takes its hint as a constant).
+inline void prefetch_lines(const char* p, int n, bool into_l2) {
+  if (into_l2)
+    for (int l = 0; l < n; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+  else
+    for (int l = 0; l < n; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+}
 
 // Masked loads are much slower than plain ones here (measured ~5x on this Zen core): use them only
 // at edges.
@@ -182,13 +216,13 @@ void panel_f32(const float* x, const float* buf, float* y, int64_t R, int64_t C,
 template <typename W>
 void packed1(const float* x, const W* w, const float* s, float* y, int64_t R) {
   constexpr int kRowBytes = PW * sizeof(W);  // a panel row: 1 (int8) or 4 (f32) cache lines
+  const StreamAhead& ahead = stream_ahead();
   __m512 a[2][4];
   UNROLL for (int i = 0; i < 2; ++i)
     UNROLL for (int j = 0; j < 4; ++j) a[i][j] = _mm512_setzero_ps();
   int64_t r = 0;
   for (; r + 2 <= R; r += 2, w += 2 * PW) {
-    const char* ahead = reinterpret_cast<const char*>(w) + kPackedPrefetchBytes * sizeof(W);
-    UNROLL for (int l = 0; l < 2 * kRowBytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+    prefetch_lines(reinterpret_cast<const char*>(w) + ahead.bytes<W>(), 2 * kRowBytes / 64, ahead.into_l2);
     UNROLL for (int i = 0; i < 2; ++i) {
       const __m512 xb = _mm512_set1_ps(x[r + i]);
       UNROLL for (int j = 0; j < 4; ++j) a[i][j] = _mm512_fmadd_ps(xb, load16(w + i * PW + 16 * j), a[i][j]);
@@ -212,12 +246,12 @@ void packed1(const float* x, const W* w, const float* s, float* y, int64_t R) {
 template <int NM, typename W>
 void packed_rows(const float* x, int64_t xs, const W* w, const float* s, float* y, int64_t ys, int64_t R) {
   constexpr int kRowBytes = PW * sizeof(W);
+  const StreamAhead& ahead = stream_ahead();
   __m512 a[NM][4];
   UNROLL for (int m = 0; m < NM; ++m)
     UNROLL for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
   for (int64_t r = 0; r < R; ++r, w += PW) {
-    const char* ahead = reinterpret_cast<const char*>(w) + kPackedPrefetchBytes * sizeof(W);
-    UNROLL for (int l = 0; l < kRowBytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+    prefetch_lines(reinterpret_cast<const char*>(w) + ahead.bytes<W>(), kRowBytes / 64, ahead.into_l2);
     __m512 wv[4];
     UNROLL for (int j = 0; j < 4; ++j) wv[j] = load16(w + 16 * j);
     UNROLL for (int m = 0; m < NM; ++m) {
@@ -230,6 +264,104 @@ void packed_rows(const float* x, int64_t xs, const W* w, const float* s, float* 
   UNROLL for (int m = 0; m < NM; ++m)
     UNROLL for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + m * ys + 16 * j, _mm512_mul_ps(a[m][j], sv[j]));
 }
+
+#ifdef MESHLM_VNNI
+
+// One row of x as integers for the int8 dot-product instruction (vpdpbusd: 4 u8 x s8 products
+// added into each s32 lane, 64 per instruction): x ~= scale * (2^14 t2 + 2^7 t1 + t0) with t0, t1
+// in [0, 127] and t2 in [-128, 127], i.e. x rounded to 22 bits of its row's largest |x| (f32
+// keeps 24 of each element's own): the three partial dot products, each exact in s32, then meet
+// in f32. Widening int8 to f32 costs two instructions per 16 weights before the FMA; here 64
+// weights take three dot products and a share of one shuffle, which a 2-core Intel host needs to
+// stream int8 at its memory bandwidth at batch 1 (widened: 14-18 GB/s of ~30, compute-bound).
+struct RowTerms {
+  static constexpr int32_t kMax = (1 << 21) - 1;
+  std::vector<int8_t> t;  // [3][Rp]: t0, t1, t2, each zero-padded to Rp, a multiple of 4
+  int64_t Rp = 0;
+  float scale = 0.f;
+
+  const int8_t* term(int e) const { return t.data() + e * Rp; }
+};
+
+// The terms of x [R]; false (nothing to use) when x is not finite.
+inline bool split_row(const float* x, int64_t R, RowTerms& out) {
+  __m512 mx = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= R; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float m = _mm512_reduce_max_ps(mx);
+  for (; k < R; ++k) m = std::max(m, std::fabs(x[k]));
+  if (!(m <= std::numeric_limits<float>::max())) return false;  // inf or NaN: the f32 path propagates it
+  out.Rp = (R + 3) / 4 * 4;
+  out.t.assign(3 * out.Rp, 0);
+  out.scale = m / float(RowTerms::kMax);
+  const __m512 inv = _mm512_set1_ps(m > 0.f ? float(RowTerms::kMax) / m : 0.f);
+  const __m512i hi = _mm512_set1_epi32(RowTerms::kMax), lo = _mm512_set1_epi32(-RowTerms::kMax),
+                low7 = _mm512_set1_epi32(127);
+  int8_t *t0 = out.t.data(), *t1 = t0 + out.Rp, *t2 = t1 + out.Rp;
+  for (k = 0; k < R; k += 16) {
+    const __mmask16 km = tail_mask(R - k);
+    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(km, x + k), inv));  // nearest even
+    q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+    _mm_mask_storeu_epi8(t0 + k, km, _mm512_cvtepi32_epi8(_mm512_and_si512(q, low7)));
+    _mm_mask_storeu_epi8(t1 + k, km, _mm512_cvtepi32_epi8(_mm512_and_si512(_mm512_srai_epi32(q, 7), low7)));
+    _mm_mask_storeu_epi8(t2 + k, km, _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 14)));
+  }
+  return true;
+}
+
+// Sums within s32 stay exact up to this many rows: |t| <= 128 times w + 128 <= 255, per row.
+constexpr int64_t kVnniMaxRows = (int64_t(1) << 31) / (128 * 255);
+
+// y[0:PW] = x[r0:r1] @ w[r0:r1] (* s) for one packed int8 panel w [R, PW], x as its terms. Four
+// panel rows (256 bytes) are interleaved into the instruction's order, 4 consecutive rows of one
+// column per s32 lane (8 byte/word unpacks: accumulator j then holds columns 16 L + 4 j + i in
+// lane 4 L + i, put back in order once at the end), and flipped to u8 (w + 128); the terms are
+// the s8 side, so each sum carries 128 * sum(t), subtracted at the end.
+inline void packed1_vnni(const RowTerms& xt, const int8_t* w, const float* s, float* y, int64_t r0, int64_t r1) {
+  __m512i acc[3][4];
+  UNROLL for (int e = 0; e < 3; ++e)
+    UNROLL for (int j = 0; j < 4; ++j) acc[e][j] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const int8_t* p = w + r0 * PW;
+  const StreamAhead& ahead = stream_ahead();
+  for (int64_t r = r0; r < r1; r += 4, p += 4 * PW) {
+    const int64_t n = std::min<int64_t>(4, r1 - r);  // rows past r1 read as zeros, their terms as 0
+    prefetch_lines(reinterpret_cast<const char*>(p) + ahead.int8_bytes, 4, ahead.into_l2);
+    __m512i row[4];
+    UNROLL for (int i = 0; i < 4; ++i) row[i] = i < n ? _mm512_loadu_si512(p + i * PW) : _mm512_setzero_si512();
+    const __m512i ab_lo = _mm512_unpacklo_epi8(row[0], row[1]), ab_hi = _mm512_unpackhi_epi8(row[0], row[1]);
+    const __m512i cd_lo = _mm512_unpacklo_epi8(row[2], row[3]), cd_hi = _mm512_unpackhi_epi8(row[2], row[3]);
+    __m512i v[4] = {_mm512_unpacklo_epi16(ab_lo, cd_lo), _mm512_unpackhi_epi16(ab_lo, cd_lo),
+                    _mm512_unpacklo_epi16(ab_hi, cd_hi), _mm512_unpackhi_epi16(ab_hi, cd_hi)};
+    UNROLL for (int j = 0; j < 4; ++j) v[j] = _mm512_xor_si512(v[j], flip);
+    const uint32_t keep = n == 4 ? ~0u : (1u << (8 * n)) - 1;
+    UNROLL for (int e = 0; e < 3; ++e) {
+      uint32_t t4;
+      std::memcpy(&t4, xt.term(e) + r, 4);
+      const __m512i xb = _mm512_set1_epi32(int32_t(t4 & keep));
+      UNROLL for (int j = 0; j < 4; ++j) acc[e][j] = _mm512_dpbusd_epi32(acc[e][j], v[j], xb);
+    }
+  }
+  int32_t sum[3] = {0, 0, 0};  // sum(t) over the rows, for the + 128 of each weight
+  for (int e = 0; e < 3; ++e)
+    for (int64_t r = r0; r < r1; ++r) sum[e] += xt.term(e)[r];
+  alignas(64) float out[4][16];
+  UNROLL for (int j = 0; j < 4; ++j) {
+    __m512 f = _mm512_setzero_ps();
+    UNROLL for (int e = 2; e >= 0; --e) {
+      const __m512i a = _mm512_sub_epi32(acc[e][j], _mm512_set1_epi32(128 * sum[e]));
+      f = _mm512_fmadd_ps(f, _mm512_set1_ps(e == 2 ? 0.f : 128.f), _mm512_cvtepi32_ps(a));
+    }
+    _mm512_store_ps(out[j], _mm512_mul_ps(f, _mm512_set1_ps(xt.scale)));
+  }
+  UNROLL for (int L = 0; L < 4; ++L)
+    UNROLL for (int j = 0; j < 4; ++j) std::memcpy(y + 16 * L + 4 * j, out[j] + 4 * L, 4 * sizeof(float));
+  if (s)
+    UNROLL for (int j = 0; j < 4; ++j)
+      _mm512_storeu_ps(y + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(y + 16 * j), _mm512_loadu_ps(s + 16 * j)));
+}
+
+#endif  // MESHLM_VNNI
 
 #else  // portable loops; GCC auto-vectorizes the inner column / row loops for the target ISA
 
@@ -426,6 +558,19 @@ void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float
     });
     return;
   }
+  // rows [r0, r1) of panel p into yp (rows of y ys apart), scaled by sp unless null
+  auto rows_of = [=](int64_t p, int64_t r0, int64_t r1, const float* sp, float* yp, int64_t ys) {
+    panel_rows(x, R, q + p * R * PW, sp, yp, ys, M, r0, r1);
+  };
+  std::function<void(int64_t, int64_t, int64_t, const float*, float*, int64_t)> run_rows = rows_of;
+#ifdef MESHLM_VNNI
+  RowTerms terms;  // one row of int8 weights: integer dot products (packed1_vnni)
+  if constexpr (std::is_same_v<W, int8_t>)
+    if (M == 1 && R <= kVnniMaxRows && split_row(x, R, terms))
+      run_rows = [&](int64_t p, int64_t r0, int64_t r1, const float* sp, float* yp, int64_t) {
+        packed1_vnni(terms, q + p * R * PW, sp, yp, r0, r1);
+      };
+#endif
   const int64_t rows = panels * R;
   const int64_t chunks = split_chunks(pool, rows, kSplitRows, bytes, 1);
   std::vector<float> cut(chunks * 2 * M * PW);  // per share: the partial sums of its first and last panels
@@ -434,9 +579,9 @@ void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float
     for (int64_t p = lo / R; p * R < hi; ++p) {
       const int64_t r0 = std::max<int64_t>(lo - p * R, 0), r1 = std::min<int64_t>(hi - p * R, R);
       if (r0 == 0 && r1 == R)
-        panel_rows(x, R, q + p * R * PW, s ? s + p * PW : nullptr, y + p * PW, C, M, 0, R);
+        run_rows(p, 0, R, s ? s + p * PW : nullptr, y + p * PW, C);
       else
-        panel_rows(x, R, q + p * R * PW, nullptr, r0 > 0 ? head : tail, PW, M, r0, r1);
+        run_rows(p, r0, r1, nullptr, r0 > 0 ? head : tail, PW);
     }
   });
   // each cut panel: zero, add the pieces of the shares that touch it, then scale
