@@ -74,6 +74,29 @@ def test_dot_rows_on_packed_weights_kernel_and_xla_path(M):
         _close(fn(x, p), x.astype(np.float64) @ w)
 
 
+def test_packed_int8_one_row_integer_path_edges():
+    """One row of x against packed int8 runs as integer dot products on x split into three 7-bit
+    terms of its largest |x| (matmul.h: packed1_vnni, where the CPU has VNNI): a row of zeros, a
+    row spanning 1e-6..1e4 (the small elements rounded at 2^-22 of the largest stay within f32's
+    tolerance of the column sums), and non-finite rows, which take the f32 path and come out
+    inf/NaN exactly where float64 does."""
+    _, q = _case(1, 1000, 192, seed=7)  # split over the threads, a share ending inside a panel
+    p = quant.pack_panels(q)
+    s = np.linspace(0.5, 2.0, 192).astype(np.float32)
+    mm = jax.jit(kernels.packed_matmul)
+    zero = np.zeros((1, 1000), np.float32)
+    assert np.array_equal(np.asarray(mm(zero, p, s)), np.zeros((1, 192), np.float32))
+    rng = np.random.default_rng(8)
+    wide = (rng.normal(size=(1, 1000)) * 10.0 ** rng.uniform(-6, 4, size=(1, 1000))).astype(np.float32)
+    _close(mm(wide, p, s), (wide.astype(np.float64) @ q) * s)
+    for bad in (np.inf, -np.inf, np.nan):
+        x = rng.normal(size=(1, 1000)).astype(np.float32)
+        x[0, 500] = bad
+        got, want = np.asarray(mm(x, p)), x.astype(np.float64) @ q
+        assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(np.isinf(got), np.isinf(want))
+        assert np.array_equal(got[np.isinf(got)], want[np.isinf(want)].astype(np.float32))
+
+
 def test_every_output_written_and_no_neighbour_clobbered():
     """y is computed in place: a stale or skipped column would keep the buffer's old contents."""
     x, q = _case(3, 40, 131, seed=1)

@@ -286,11 +286,19 @@ struct RowTerms {
 // The terms of x [R]; false (nothing to use) when x is not finite.
 inline bool split_row(const float* x, int64_t R, RowTerms& out) {
   __m512 mx = _mm512_setzero_ps();
+  __mmask16 nan = 0;  // max_ps drops a NaN operand: look for them apart
   int64_t k = 0;
-  for (; k + 16 <= R; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  for (; k + 16 <= R; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
   float m = _mm512_reduce_max_ps(mx);
-  for (; k < R; ++k) m = std::max(m, std::fabs(x[k]));
-  if (!(m <= std::numeric_limits<float>::max())) return false;  // inf or NaN: the f32 path propagates it
+  for (; k < R; ++k) {
+    m = std::max(m, std::fabs(x[k]));
+    nan |= std::isnan(x[k]);
+  }
+  if (nan || !(m <= std::numeric_limits<float>::max())) return false;  // NaN or inf: the f32 path propagates them
   out.Rp = (R + 3) / 4 * 4;
   out.t.assign(3 * out.Rp, 0);
   out.scale = m / float(RowTerms::kMax);
@@ -323,24 +331,35 @@ inline void packed1_vnni(const RowTerms& xt, const int8_t* w, const float* s, fl
     UNROLL for (int j = 0; j < 4; ++j) acc[e][j] = _mm512_setzero_si512();
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   const int8_t* p = w + r0 * PW;
-  const StreamAhead& ahead = stream_ahead();
-  for (int64_t r = r0; r < r1; r += 4, p += 4 * PW) {
-    const int64_t n = std::min<int64_t>(4, r1 - r);  // rows past r1 read as zeros, their terms as 0
-    prefetch_lines(reinterpret_cast<const char*>(p) + ahead.int8_bytes, 4, ahead.into_l2);
-    __m512i row[4];
-    UNROLL for (int i = 0; i < 4; ++i) row[i] = i < n ? _mm512_loadu_si512(p + i * PW) : _mm512_setzero_si512();
+  // acc[e] += the 4 rows (interleaved, flipped) . the terms e of their 4 positions (as one s32)
+  auto step = [&](const __m512i* row, const int32_t* t4) {
     const __m512i ab_lo = _mm512_unpacklo_epi8(row[0], row[1]), ab_hi = _mm512_unpackhi_epi8(row[0], row[1]);
     const __m512i cd_lo = _mm512_unpacklo_epi8(row[2], row[3]), cd_hi = _mm512_unpackhi_epi8(row[2], row[3]);
     __m512i v[4] = {_mm512_unpacklo_epi16(ab_lo, cd_lo), _mm512_unpackhi_epi16(ab_lo, cd_lo),
                     _mm512_unpacklo_epi16(ab_hi, cd_hi), _mm512_unpackhi_epi16(ab_hi, cd_hi)};
     UNROLL for (int j = 0; j < 4; ++j) v[j] = _mm512_xor_si512(v[j], flip);
-    const uint32_t keep = n == 4 ? ~0u : (1u << (8 * n)) - 1;
     UNROLL for (int e = 0; e < 3; ++e) {
-      uint32_t t4;
-      std::memcpy(&t4, xt.term(e) + r, 4);
-      const __m512i xb = _mm512_set1_epi32(int32_t(t4 & keep));
+      const __m512i xb = _mm512_set1_epi32(t4[e]);
       UNROLL for (int j = 0; j < 4; ++j) acc[e][j] = _mm512_dpbusd_epi32(acc[e][j], v[j], xb);
     }
+  };
+  const StreamAhead& ahead = stream_ahead();
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4, p += 4 * PW) {
+    prefetch_lines(reinterpret_cast<const char*>(p) + ahead.int8_bytes, 4, ahead.into_l2);
+    __m512i row[4];
+    UNROLL for (int i = 0; i < 4; ++i) row[i] = _mm512_loadu_si512(p + i * PW);
+    int32_t t4[3];
+    UNROLL for (int e = 0; e < 3; ++e) std::memcpy(&t4[e], xt.term(e) + r, 4);
+    step(row, t4);
+  }
+  if (r < r1) {  // 1-3 rows left: the rest read as zeros, their terms as 0
+    const int64_t n = r1 - r;
+    __m512i row[4];
+    for (int i = 0; i < 4; ++i) row[i] = i < n ? _mm512_loadu_si512(p + i * PW) : _mm512_setzero_si512();
+    int32_t t4[3] = {0, 0, 0};
+    for (int e = 0; e < 3; ++e) std::memcpy(&t4[e], xt.term(e) + r, n);
+    step(row, t4);
   }
   int32_t sum[3] = {0, 0, 0};  // sum(t) over the rows, for the + 128 of each weight
   for (int e = 0; e < 3; ++e)
