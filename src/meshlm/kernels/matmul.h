@@ -50,8 +50,8 @@ constexpr int64_t kSplitRows = 16;  // a thread's share of a packed weight is a 
 // measured for int8). Intel (the 2-core Xeon VM with AMX, 2026-12-06): 8192 bytes into L2 for
 // both, measured in alternating runs of the int8 batch-1 decode step: 1024 into L1 6.36 ms, 2048
 // 5.75, 4096 5.66; into L2 4096 4.99, 8192 4.76, 16384-32768 no better; batch 4 8.87 -> 7.42-7.77,
-// f32 batch 1 21.75 -> 20.5. A 2-core slice of a big Intel part keeps fewer misses in flight per
-// core than the stream needs at the shorter distance.
+// f32 batch 1 21.75 -> 20.5 (presumably a core of this part needs more misses in flight than
+// the shorter distance keeps, and L2 has more room for them than L1).
 struct StreamAhead {
   int int8_bytes, f32_bytes;
   bool into_l2;
@@ -272,8 +272,8 @@ void packed_rows(const float* x, int64_t xs, const W* w, const float* s, float* 
 // in [0, 127] and t2 in [-128, 127], i.e. x rounded to 22 bits of its row's largest |x| (f32
 // keeps 24 of each element's own): the three partial dot products, each exact in s32, then meet
 // in f32. Widening int8 to f32 costs two instructions per 16 weights before the FMA; here 64
-// weights take three dot products and a share of one shuffle, which a 2-core Intel host needs to
-// stream int8 at its memory bandwidth at batch 1 (widened: 14-18 GB/s of ~30, compute-bound).
+// weights take three dot products and a share of one shuffle. On the 2-core Intel VM: 66-75 GB/s
+// against 54-59 widened on weights in L2, the int8 batch-1 decode step 6-9% faster.
 struct RowTerms {
   static constexpr int32_t kMax = (1 << 21) - 1;
   std::vector<int8_t> t;  // [3][Rp]: t0, t1, t2, each zero-padded to Rp, a multiple of 4
