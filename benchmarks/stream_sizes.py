@@ -26,9 +26,8 @@ import numpy as np
 
 from meshlm import kernels, quant
 from meshlm.bench import write_json
+from meshlm.calibrate import CURVE_E as E, CURVE_F as F
 from meshlm.cli import int_list
-
-E, F = 1024, 4096
 
 
 def chain(fmt: str, mib: int, rng) -> list:

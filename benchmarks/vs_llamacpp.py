@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -107,8 +108,6 @@ def llama_python(explicit: str | None) -> str | None:
 def worker_failure(returncode: int, stderr: str) -> str:
     """One message for a worker that failed: how it ended (a signal by name: llama.cpp crashes in C,
     with its log as the last thing on stderr) and the lines that say why, not the last of its log."""
-    import signal
-
     how = f"exit status {returncode}"
     if returncode < 0:
         try:

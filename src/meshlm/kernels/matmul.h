@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -276,11 +275,13 @@ void packed_rows(const float* x, int64_t xs, const W* w, const float* s, float* 
 // against 54-59 widened on weights in L2, the int8 batch-1 decode step 6-9% faster.
 struct RowTerms {
   static constexpr int32_t kMax = (1 << 21) - 1;
-  std::vector<int8_t> t;  // [3][Rp]: t0, t1, t2, each zero-padded to Rp, a multiple of 4
-  int64_t Rp = 0;
+  std::vector<int8_t> t;         // [3][Rp]: t0, t1, t2, each zero-padded to Rp, a multiple of 4
+  std::vector<int32_t> prefix;   // [3][R + 1]: sums of each term over rows [0, r)
+  int64_t R = 0, Rp = 0;
   float scale = 0.f;
 
   const int8_t* term(int e) const { return t.data() + e * Rp; }
+  int32_t sum(int e, int64_t r0, int64_t r1) const { return prefix[e * (R + 1) + r1] - prefix[e * (R + 1) + r0]; }
 };
 
 // The terms of x [R]; false (nothing to use) when x is not finite.
@@ -314,6 +315,10 @@ inline bool split_row(const float* x, int64_t R, RowTerms& out) {
     _mm_mask_storeu_epi8(t1 + k, km, _mm512_cvtepi32_epi8(_mm512_and_si512(_mm512_srai_epi32(q, 7), low7)));
     _mm_mask_storeu_epi8(t2 + k, km, _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 14)));
   }
+  out.R = R;
+  out.prefix.assign(3 * (R + 1), 0);  // once per call: every panel's rows then take two lookups
+  for (int e = 0; e < 3; ++e)
+    for (k = 0; k < R; ++k) out.prefix[e * (R + 1) + k + 1] = out.prefix[e * (R + 1) + k] + out.term(e)[k];
   return true;
 }
 
@@ -361,14 +366,11 @@ inline void packed1_vnni(const RowTerms& xt, const int8_t* w, const float* s, fl
     for (int e = 0; e < 3; ++e) std::memcpy(&t4[e], xt.term(e) + r, n);
     step(row, t4);
   }
-  int32_t sum[3] = {0, 0, 0};  // sum(t) over the rows, for the + 128 of each weight
-  for (int e = 0; e < 3; ++e)
-    for (int64_t r = r0; r < r1; ++r) sum[e] += xt.term(e)[r];
   alignas(64) float out[4][16];
   UNROLL for (int j = 0; j < 4; ++j) {
     __m512 f = _mm512_setzero_ps();
     UNROLL for (int e = 2; e >= 0; --e) {
-      const __m512i a = _mm512_sub_epi32(acc[e][j], _mm512_set1_epi32(128 * sum[e]));
+      const __m512i a = _mm512_sub_epi32(acc[e][j], _mm512_set1_epi32(128 * xt.sum(e, r0, r1)));  // the + 128
       f = _mm512_fmadd_ps(f, _mm512_set1_ps(e == 2 ? 0.f : 128.f), _mm512_cvtepi32_ps(a));
     }
     _mm512_store_ps(out[j], _mm512_mul_ps(f, _mm512_set1_ps(xt.scale)));
@@ -577,19 +579,19 @@ void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float
     });
     return;
   }
-  // rows [r0, r1) of panel p into yp (rows of y ys apart), scaled by sp unless null
-  auto rows_of = [=](int64_t p, int64_t r0, int64_t r1, const float* sp, float* yp, int64_t ys) {
-    panel_rows(x, R, q + p * R * PW, sp, yp, ys, M, r0, r1);
-  };
-  std::function<void(int64_t, int64_t, int64_t, const float*, float*, int64_t)> run_rows = rows_of;
 #ifdef MESHLM_VNNI
   RowTerms terms;  // one row of int8 weights: integer dot products (packed1_vnni)
-  if constexpr (std::is_same_v<W, int8_t>)
-    if (M == 1 && R <= kVnniMaxRows && split_row(x, R, terms))
-      run_rows = [&](int64_t p, int64_t r0, int64_t r1, const float* sp, float* yp, int64_t) {
-        packed1_vnni(terms, q + p * R * PW, sp, yp, r0, r1);
-      };
+  bool vnni = false;
+  if constexpr (std::is_same_v<W, int8_t>) vnni = M == 1 && R <= kVnniMaxRows && split_row(x, R, terms);
 #endif
+  // rows [r0, r1) of panel p into yp (rows of y ys apart), scaled by sp unless null
+  auto run_rows = [&](int64_t p, int64_t r0, int64_t r1, const float* sp, float* yp, int64_t ys) {
+#ifdef MESHLM_VNNI
+    if constexpr (std::is_same_v<W, int8_t>)
+      if (vnni) return packed1_vnni(terms, q + p * R * PW, sp, yp, r0, r1);
+#endif
+    panel_rows(x, R, q + p * R * PW, sp, yp, ys, M, r0, r1);
+  };
   const int64_t rows = panels * R;
   const int64_t chunks = split_chunks(pool, rows, kSplitRows, bytes, 1);
   std::vector<float> cut(chunks * 2 * M * PW);  // per share: the partial sums of its first and last panels
