@@ -50,6 +50,10 @@ def test_cli_writes_a_loadable_spec(tmp_path, capsys):
     assert [b for b, _ in spec["prefill_score_curve"]] == [1, 2]
     assert spec["prefill_score_curve"][0][1] == spec["score_elem_s"]["prefill"]
     assert min([spec["logit_elem_s"], *(v for f in per_phase for v in spec[f].values())]) >= 0
+    # one row's streaming rate against the working set (quick: 1 and 4 MiB per device), beside the chain's size
+    assert set(spec["stream_curve"]) == {"f32", "int8"} and spec["matmul_curve_bytes"] == 4 << 20
+    for pts in spec["stream_curve"].values():
+        assert len(pts) == 2 and pts[0][0] < pts[1][0] <= 4 << 20 and all(1e8 < r < 1e13 for _, r in pts)
     # decode attention timed on each KV cache format the engine offers
     assert set(spec["kv_format_elem_s"]) == {"f32", "bf16"} and min(spec["kv_format_elem_s"].values()) >= 0
 

@@ -195,6 +195,37 @@ def test_matmuls_are_priced_on_the_measured_curve_at_their_rows():
     assert i8.breakdown["matmul"] == pytest.approx(2 * n_mm * 16 / 4e11, rel=1e-9)
 
 
+def test_a_working_set_in_cache_streams_at_the_stream_curves_rate():
+    """A model whose weights fit the last-level cache: its decode matmuls and weight reads are priced
+    at the stream curve's rate for its working set, not at the matmul curve's 1 GiB chain."""
+    import math
+
+    from meshlm.costmodel import weight_read_bytes
+
+    cfg = preset("smollm2-135m")
+    i8 = (("int8", ((1, 2e10), (64, 1e11))),)
+    plain = calibrated(matmul_curve=i8)
+    chip = calibrated(matmul_curve=i8, matmul_curve_bytes=float(1 << 30),
+                      stream_curve=(("int8", ((16 << 20, 4e10), (1 << 30, 2e10))),))
+    lay = Layout("ws2d", "heads", "int8", ONE)
+    W = weight_read_bytes(cfg, lay)
+    s = 4e10 + (2e10 - 4e10) * math.log(W / (16 << 20)) / math.log(64)  # the curve at W bytes (log bytes)
+    n_mm = cfg.n_params() - (0 if cfg.tie_embeddings else cfg.vocab * cfg.d_model)
+    d = forward_pass(cfg, chip, lay, "decode", 1, 1, 128, 0.0)
+    assert d.matmul_s == pytest.approx(2 * n_mm * (2 / 2e10 + 1 / s - 1 / 2e10) / 2, rel=1e-9)
+    assert d.weight_mem_s == pytest.approx(W / (3e10 * s / 2e10), rel=1e-9)
+    base = forward_pass(cfg, plain, lay, "decode", 1, 1, 128, 0.0)
+    assert base.matmul_s == pytest.approx(2 * n_mm / 2e10, rel=1e-9) and d.matmul_s < 0.9 * base.matmul_s
+    # the cache is part of the working set: a larger one streams slower
+    assert forward_pass(cfg, chip, lay, "decode", 1, 1, 128, 512e6).matmul_s > d.matmul_s
+    # prefill at 4096 rows is compute-bound on either spec; a model past the chain is unchanged
+    p = [forward_pass(cfg, c, lay, "prefill", 8, 512, 512, 0.0).matmul_s for c in (chip, plain)]
+    assert p[0] == pytest.approx(p[1], rel=1e-12)
+    big, big_lay = preset("palm-62b"), Layout("ws2d", "heads", "int8", ONE)
+    assert (forward_pass(big, chip, big_lay, "decode", 1, 1, 128, 0.0).matmul_s
+            == forward_pass(big, plain, big_lay, "decode", 1, 1, 128, 0.0).matmul_s)
+
+
 def test_weight_gathered_matmul_rows_are_the_chips_batch_share():
     cfg = preset("palm-62b")
     chip = calibrated(matmul_curve=CURVE)

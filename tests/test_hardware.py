@@ -98,7 +98,8 @@ MEASURED = {"matmul_curve": {"f32": [[1, 1e10], [4, 4e10], [64, 2e11]], "int8": 
             "pass_overhead_s": {"prefill": 0.03, "decode": 0.001}, "layer_overhead_s": {"prefill": 1e-4, "decode": 2e-5},
             "logit_elem_s": 1e-9, "score_elem_s": {"prefill": 5e-9, "decode": 8e-9},
             "kv_elem_s": {"prefill": 1e-10, "decode": 2e-10}, "act_elem_s": {"prefill": 8e-10},
-            "prefill_score_curve": [[1, 4e-9], [4, 1e-9]], "kv_format_elem_s": {"f32": 1e-11, "bf16": 3e-11}}
+            "prefill_score_curve": [[1, 4e-9], [4, 1e-9]], "kv_format_elem_s": {"f32": 1e-11, "bf16": 3e-11},
+            "matmul_curve_bytes": 1 << 30, "stream_curve": {"int8": [[16 << 20, 4e10], [1 << 30, 2e10]]}}
 HOST = {"name": "cpu-host", "peak_flops": 2e11, "hbm_bytes": 24 * GiB, "hbm_bw": 2.5e10, "link_bw": 1e10,
         "topology": "switch", "switch_domain": 1, "vendor_peaks": [], "flops_efficiency": 1.0, "hbm_efficiency": 1.0}
 
@@ -123,6 +124,23 @@ def test_matmul_curve_interpolates_in_log_m():
     assert without.score_elem("prefill", 4) == 5e-9 and CHIPS["tpu-v4"].score_elem("prefill", 4) == 0
 
 
+def test_stream_curve_moves_the_streaming_share_of_the_matmul_curve():
+    """Per weight, the curve's time 2m/rate less what streaming a byte cost at the curve's chain
+    (1 GiB: 2e10 B/s) plus what it costs at the pass's working set; floored at the largest M's rate."""
+    c = chip_from_dict({**HOST, **MEASURED})
+    at = lambda m, rate, s: 2 * m / (2 * m / rate + 1 / s - 1 / 2e10)  # int8: one byte per weight
+    assert c.matmul_rate("int8", 1, 16 << 20) == pytest.approx(at(1, 2e10, 4e10), rel=1e-12)  # 2.67e10
+    assert c.matmul_rate("int8", 1, 128 << 20) == pytest.approx(at(1, 2e10, 3e10), rel=1e-12)  # halfway in log bytes
+    assert c.matmul_rate("int8", 8, 16 << 20) == pytest.approx(at(8, c.matmul_rate("int8", 8), 4e10), rel=1e-12)
+    for s in (1 << 30, 8 << 30, None):  # at or past the chain's working set (clamped), or none given: the curve
+        assert c.matmul_rate("int8", 1, s) == c.matmul_rate("int8", 1) == 2e10
+    assert c.matmul_rate("int8", 64, 16 << 20) == 1e11  # compute-bound: never past the curve's largest-M rate
+    assert c.matmul_rate("f32", 1, 16 << 20) == 1e10  # no stream curve for f32: unchanged
+    # the weights' own bandwidth term scales with the stream curve the same way
+    assert c.weight_bw("int8", 16 << 20) == pytest.approx(2 * 2.5e10) and c.weight_bw("int8", 1 << 30) == 2.5e10
+    assert c.weight_bw("f32", 16 << 20) == c.weight_bw("int8") == 2.5e10
+
+
 def test_measured_fields_round_trip_and_old_specs_load(tmp_path):
     p = tmp_path / "local.json"
     c = chip_from_dict({**HOST, **MEASURED})
@@ -131,12 +149,15 @@ def test_measured_fields_round_trip_and_old_specs_load(tmp_path):
     on_disk = json.loads(p.read_text())
     assert on_disk["matmul_curve"]["int8"] == [[1, 2e10], [64, 1e11]] and on_disk["pass_overhead_s"]["decode"] == 0.001
     assert on_disk["kv_format_elem_s"] == {"f32": 1e-11, "bf16": 3e-11}
+    assert on_disk["stream_curve"] == {"int8": [[16 << 20, 4e10], [1 << 30, 2e10]]}
+    assert on_disk["matmul_curve_bytes"] == 1 << 30
     p.write_text(json.dumps(HOST))  # a spec written before these fields existed
     old = load_chip(str(p))
     assert old.matmul_curve == () and old.overhead_s("prefill", 30) == 0 and old.logit_elem_s == 0
+    assert old.stream_curve == () and old.matmul_curve_bytes == 0
     # a preset's JSON has none of them (what `meshlm paper` prices is unchanged)
     assert not {"matmul_curve", "pass_overhead_s", "layer_overhead_s", "logit_elem_s", "score_elem_s", "kv_elem_s",
-                "act_elem_s", "prefill_score_curve", "kv_format_elem_s"} & set(
+                "act_elem_s", "prefill_score_curve", "kv_format_elem_s", "matmul_curve_bytes", "stream_curve"} & set(
         CHIPS["tpu-v4"].to_dict())
 
 
@@ -144,6 +165,10 @@ def test_measured_fields_round_trip_and_old_specs_load(tmp_path):
     ("matmul_curve", {"f32": [[4, 1e10], [1, 2e10]]}, "increasing"),
     ("matmul_curve", {"f32": [[1, -1.0]]}, "positive"),
     ("matmul_curve", {"f32": 3}, "matmul_curve"),
+    ("stream_curve", {"int8": [[1 << 30, 2e10], [16 << 20, 4e10]]}, "increasing"),
+    ("stream_curve", {"int8": [[16 << 20, 0.0]]}, "positive"),
+    ("stream_curve", [1, 2], "stream_curve"),
+    ("matmul_curve_bytes", -1.0, "matmul_curve_bytes"),
     ("pass_overhead_s", {"train": 0.1}, "prefill/decode"),
     ("layer_overhead_s", {"decode": -1e-3}, "layer_overhead_s"),
     ("score_elem_s", [1, 2], "score_elem_s"),

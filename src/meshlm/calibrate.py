@@ -57,6 +57,8 @@ class Calibration:
     collective_bw: float = 0.0  # bytes/s per device (all-gather output bytes per second)
     collective_latency_s: float = 0.0
     matmul_curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # format -> [(M, FLOP/s)]
+    matmul_curve_bytes: float = 0.0  # weight bytes per device of the curve's streamed chain
+    stream_curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # format -> [(bytes, bytes/s)]
     attention: dict = field(default_factory=dict)  # measure_attention: seconds and shapes of each case
     samples: dict[str, list] = field(default_factory=dict)
 
@@ -198,24 +200,9 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
     every row) and keeps the calibration short."""
     E, F = shape
     dt = jnp.dtype(_DTYPES.get(compute, compute))
-    wbytes = 1 if weights == "int8" else jnp.dtype(_DTYPES.get(weights, weights)).itemsize
-    full = max(1, math.ceil(min_bytes / (2 * E * F * wbytes)))
-    rng = np.random.default_rng(0)
-
-    def stored(rows, cols):
-        """(one [rows, cols] weight per device in the format, int8 scales or None)"""
-        w = rng.standard_normal((n, rows, cols), np.float32) / np.sqrt(rows)
-        packed = quant.packs(weights, n) and quant.packable(w[0])  # as the engine stores them on one device
-        if weights != "int8":
-            if packed:
-                return _put(mesh, jnp.asarray(quant.pack_panels(w[0].astype(np.float32)))), None
-            return _put(mesh, jnp.asarray(w.reshape(n * rows, cols), _DTYPES.get(weights, weights))), None
-        q = quant.quantize(w, axis=-1)
-        if packed:
-            return _put(mesh, jnp.asarray(quant.pack_panels(q["q"][0]))), jnp.asarray(q["s"])
-        return _put(mesh, jnp.asarray(q["q"].reshape(n * rows, cols))), jnp.asarray(q["s"])
-
-    mats = [stored(E, F) if i % 2 == 0 else stored(F, E) for i in range(2 * full)]
+    full = max(1, math.ceil(min_bytes / (2 * E * F * BYTES_PER_WEIGHT[weights])))
+    mats = _chain(mesh, n, weights, E, F, 2 * full)
+    rng = np.random.default_rng(1)
     calls, work = [], []
     for m in ms:
         # at least ~1024 rows x one pair of work per call: a single M = 256 pair (~15 ms) swung
@@ -243,6 +230,98 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
     times.update(zip(large, _interleaved([calls[i] for i in large], rounds=7)))
     out = [(m, work[i] / times[i]) for i, m in enumerate(ms)]
     log(f"  {weights}: " + ", ".join(f"M={m} {r / 1e9:.0f}" for m, r in out) + " GFLOP/s")
+    return out
+
+
+def _chain(mesh, n: int, weights: str, E: int, F: int, count: int) -> list:
+    """count weights [E, F], [F, E], [E, F], ... per device in the format, as the engine stores
+    them: [(weight, int8 scales or None)], random values of unit gain."""
+    rng = np.random.default_rng(0)
+
+    def stored(rows, cols):
+        w = rng.standard_normal((n, rows, cols), np.float32) / np.sqrt(rows)
+        packed = quant.packs(weights, n) and quant.packable(w[0])  # as the engine stores them on one device
+        if weights != "int8":
+            if packed:
+                return _put(mesh, jnp.asarray(quant.pack_panels(w[0].astype(np.float32)))), None
+            return _put(mesh, jnp.asarray(w.reshape(n * rows, cols), _DTYPES.get(weights, weights))), None
+        q = quant.quantize(w, axis=-1)
+        if packed:
+            return _put(mesh, jnp.asarray(quant.pack_panels(q["q"][0]))), jnp.asarray(q["s"])
+        return _put(mesh, jnp.asarray(q["q"].reshape(n * rows, cols))), jnp.asarray(q["s"])
+
+    return [stored(E, F) if i % 2 == 0 else stored(F, E) for i in range(count)]
+
+
+# The stream curve: one row through chains of STREAM_E x STREAM_F weight pairs (16 MiB of f32, 4 MiB of
+# int8 a pair), from STREAM_MIN_BYTES of weights on the host up to twice the last-level cache (at least
+# STREAM_MAX_BYTES), each chain read again and again until a call has streamed STREAM_CALL_BYTES. On
+# the Intel host (480 MiB L3) the packed f32 kernel read 51-54 GB/s over 32-64 MiB, 35 over 128 and 28
+# over 256-512 MiB (int8: 42, 23, 22), and SmolLM2's int8 decode (134 MB) ran 22-35% faster than the
+# matmul curve's 256 MiB chain priced it.
+STREAM_E, STREAM_F = 1024, 2048
+STREAM_MIN_BYTES, STREAM_MAX_BYTES, STREAM_CALL_BYTES = 16 << 20, 256 << 20, 256 << 20
+
+
+def llc_bytes() -> int:
+    """The size of the largest CPU cache in sysfs (the last-level cache), 0 where none is listed."""
+    from pathlib import Path
+
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    best = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            v = f.read_text().strip()
+            best = max(best, int(v[:-1]) * units[v[-1]] if v[-1] in units else int(v))
+        except (OSError, ValueError):
+            continue
+    return best
+
+
+def stream_sizes(n: int, quick: bool = False, llc: int | None = None) -> list[int]:
+    """Bytes per device of the stream curve's chains: the host's powers of two from STREAM_MIN_BYTES
+    to max(STREAM_MAX_BYTES, 2 x llc), shared by the n devices (quick: 1 and 4 MiB per device)."""
+    if quick:
+        return [1 << 20, 4 << 20]
+    top = max(STREAM_MAX_BYTES, 2 * (llc_bytes() if llc is None else llc))
+    sizes, s = [], STREAM_MIN_BYTES
+    while s < 2 * top:
+        sizes.append(s // n)
+        s *= 2
+    return sizes
+
+
+def measure_stream_curve(mesh, n: int, weights: str, compute: str, sizes: list[int], shape=(STREAM_E, STREAM_F),
+                         call_bytes: int = STREAM_CALL_BYTES, log=print) -> list[tuple[int, float]]:
+    """[(weight bytes per device, bytes/s per device)]: one row of x through a chain of that many
+    bytes of weights (pairs of `shape`, stored as the engine stores `weights`), read again and
+    again in one call (a decode step reads the same weights step after step), every device at
+    once. The chain of each size is a prefix of the largest; the sizes are timed round-robin."""
+    E, F = shape
+    pair = 2 * E * F * BYTES_PER_WEIGHT[weights]
+    pairs = sorted({max(1, round(s / pair)) for s in sizes})  # whole pairs: two sizes may round alike
+    mats = _chain(mesh, n, weights, E, F, 2 * max(pairs))
+    dt = jnp.dtype(_DTYPES.get(compute, compute))
+    x = _put(mesh, jnp.asarray(np.random.default_rng(1).standard_normal((n, E), np.float32), dtype=dt))
+    calls, streamed = [], []
+    for k in pairs:
+        ws, scales = [w for w, _ in mats[:2 * k]], [s for _, s in mats[:2 * k]]
+        reps = max(1, math.ceil(call_bytes / (k * pair)))
+
+        def body(x, *ws, scales=scales, reps=reps):
+            def chain(_, x):
+                for w, s in zip(ws, scales):
+                    x = quant.dot_rows(x, w, dt, s)
+                return x * jax.lax.rsqrt(jnp.mean(x * x) + 1e-30)  # unit size over the repeats
+
+            return jax.lax.fori_loop(0, reps, chain, x)
+
+        f = _per_device(mesh, body, x, *ws)
+        calls.append(lambda f=f, ws=ws: jax.block_until_ready(f(x, *ws)))
+        streamed.append(reps * k * pair)
+    times = _interleaved(calls, rounds=7)
+    out = [(k * pair, b / t) for k, b, t in zip(pairs, streamed, times)]
+    log(f"  {weights}: " + ", ".join(f"{b / 2**20:.0f} MiB {r / 1e9:.1f}" for b, r in out) + " GB/s")
     return out
 
 
@@ -373,6 +452,16 @@ def calibrate(devices=None, quick: bool = False, log=print) -> Calibration:
         sample_rounds()
         cal.matmul_curve[w] = measure_matmul_curve(mesh, n, w, compute, CURVE_M_QUICK if quick else CURVE_M,
                                                    min_bytes, shape, log)
+    cal.matmul_curve_bytes = min_bytes  # what its chains hold (whole pairs: min_bytes where it divides)
+    if on_cpu:  # a CPU's last-level cache is large enough to hold a small model's weights
+        sizes = stream_sizes(n, quick)
+        log(f"stream curve: one row through {', '.join(f'{b / 2**20:g}' for b in sizes)} MiB of weights per "
+            f"device, read again and again (last-level cache: {llc_bytes() / 2**20:g} MiB) ...")
+        for w in (compute, "int8"):
+            sample_rounds()
+            cal.stream_curve[w] = measure_stream_curve(
+                mesh, n, w, compute, sizes, (256, 1024) if quick else (STREAM_E, STREAM_F),
+                (4 << 20) if quick else STREAM_CALL_BYTES, log)
     sample_rounds()
     log("attention as the engine runs it (decode over a cache past the last-level cache, causal prefill) ...")
     cal.attention = measure_attention(mesh, n, quick, min_bytes, log)
@@ -419,6 +508,9 @@ def to_chip_dict(cal: Calibration, compute_dtype: str) -> dict:
         "act_bytes": 4 if on_cpu else 2,  # the engine computes (and caches K/V) in f32 on CPU
         "weight_flops": [[d, v] for d, v in cal.matmul_flops.items() if d != compute_dtype],
         "matmul_curve": {w: [[m, r] for m, r in pts] for w, pts in cal.matmul_curve.items()},
+        **({"matmul_curve_bytes": cal.matmul_curve_bytes,
+            "stream_curve": {w: [[b, r] for b, r in pts] for w, pts in cal.stream_curve.items()}}
+           if cal.stream_curve else {}),
         **(attention_fields(cal.attention, cal.mem_bw, cal.matmul_flops[compute_dtype], 4 if on_cpu else 2)
            if cal.attention else {}),
         "source": f"meshlm calibrate: {k} x {cal.device_kind} ({cal.platform}), compute dtype {compute_dtype}, "

@@ -285,17 +285,20 @@ def forward_pass(cfg: ModelConfig, chip: ChipSpec, layout: Layout, phase: str, b
     split = layout.mesh.size(layout.plan.batch_axes)
     n_mm = matmul_params(cfg, h_served)
     logit_tokens = b_served if logits == "last" else tokens
-    rate = chip.matmul_rate(layout.weights, tokens / split)
+    # the pass's working set: where it fits a last-level cache, a calibrated chip with a stream
+    # curve streams it faster than the curve's chain (ChipSpec.matmul_rate)
+    streamed = weight_read_bytes(cfg, layout) + kv_bytes_dev
+    rate = chip.matmul_rate(layout.weights, tokens / split, streamed)
     if logit_tokens == tokens and not chip.matmul_curve:
         matmul = 2.0 * n_mm * tokens / n / rate  # the paper's 2N per token
     else:
         n_out = cfg.vocab * cfg.d_model
         matmul = 2.0 * ((n_mm - n_out) * tokens / rate
-                        + n_out * logit_tokens / chip.matmul_rate(layout.weights, logit_tokens / split)) / n
+                        + n_out * logit_tokens / chip.matmul_rate(layout.weights, logit_tokens / split, streamed)) / n
     # Q.K and P.V: 2 FLOPs x 2 einsums per (token, cached position, head, head dim); every layout
     # splits (padded) heads x sequences over all n chips.
     attn = 4.0 * tokens * kv_len * h_served * cfg.d_head * cfg.n_layers / n / chip.flops  # activations only
-    wmem = weight_read_bytes(cfg, layout) / chip.mem_bw
+    wmem = weight_read_bytes(cfg, layout) / chip.weight_bw(layout.weights, streamed)
     kvmem = kv_bytes_dev / chip.mem_bw
     act_s, w_s, lat_s, nbytes = comm_totals(cfg, chip, layout, phase, batch, q_len, int(round(kv_len)))
     # Weight gathers hide under the matmuls (prefetched a layer ahead, §3.5); what is left over,

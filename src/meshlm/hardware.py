@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from meshlm.errors import MeshlmError
-from meshlm.layouts import KV_FORMATS, MeshShape
+from meshlm.layouts import BYTES_PER_WEIGHT, KV_FORMATS, MeshShape
 from meshlm.paths import home
 
 TOPOLOGIES = ("3d-torus", "2d-torus", "nvlink-switch", "switch")
 # the measured fields that map each phase (prefill, decode) to seconds
 PHASE_FIELDS = ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s", "act_elem_s")
 MAP_FIELDS = (*PHASE_FIELDS, "kv_format_elem_s")  # the measured fields that map a key to seconds
+CURVE_FIELDS = ("matmul_curve", "stream_curve")  # the measured fields that map a weight format to a curve
 GiB = 1024**3
 
 
@@ -60,6 +61,12 @@ class ChipSpec:
     # e.g. (("f32", ((1, 1.5e10), (4, 6e10), ..., (4096, 3.9e11))),): measured with weights larger
     # than the last-level cache, so small M includes the weight streaming (docs/costmodel.md)
     matmul_curve: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
+    matmul_curve_bytes: float = 0.0  # weight bytes per device the curve's streamed points (M < 256) read
+    # one row of x through a chain of `bytes` of weights per device, read again and again: bytes/s
+    # against the working set, per weight format, e.g. (("int8", ((8 << 20, 6e10), (1 << 30, 2.2e10))),).
+    # A pass whose weights (and cache) fit in the last-level cache streams them faster than the
+    # curve's chain did; matmul_rate moves the curve's streaming share by the difference
+    stream_curve: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
     pass_overhead_s: tuple[tuple[str, float], ...] = ()  # per phase: fixed seconds of one engine pass
     layer_overhead_s: tuple[tuple[str, float], ...] = ()  # per phase: fixed seconds per layer per pass
     logit_elem_s: float = 0.0  # seconds per sampled logit (B x V per pass): argmax/sampling over V
@@ -98,11 +105,15 @@ class ChipSpec:
                 raise MeshlmError(f"chip {self.name!r}: weight_flops[{fmt!r}] must be a positive number, got {v!r}")
         if self.hop_latency_s < 0:
             raise MeshlmError(f"chip {self.name!r}: hop_latency_s must be >= 0")
-        for fmt, pts in self.matmul_curve:
-            ms = [m for m, _ in pts]
-            if not pts or ms != sorted(set(ms)) or any(not _positive(v) or not _positive(m) for m, v in pts):
-                raise MeshlmError(f"chip {self.name!r}: matmul_curve[{fmt!r}] must be [M, FLOP/s] pairs with "
-                                  f"increasing positive M and positive FLOP/s")
+        for what, x, y in (("matmul_curve", "M", "FLOP/s"), ("stream_curve", "bytes", "bytes/s")):
+            for fmt, pts in getattr(self, what):
+                xs = [m for m, _ in pts]
+                if not pts or xs != sorted(set(xs)) or any(not _positive(v) or not _positive(m) for m, v in pts):
+                    raise MeshlmError(f"chip {self.name!r}: {what}[{fmt!r}] must be [{x}, {y}] pairs with "
+                                      f"increasing positive {x} and positive {y}")
+        if not _nonnegative(self.matmul_curve_bytes) or (self.stream_curve and not self.matmul_curve_bytes):
+            raise MeshlmError(f"chip {self.name!r}: matmul_curve_bytes must be a number >= 0, and > 0 with a "
+                              f"stream_curve (the working set the stream curve is compared at)")
         bs = [b for b, _ in self.prefill_score_curve]
         if bs != sorted(set(bs)) or any(not _positive(b) or not _nonnegative(v) for b, v in self.prefill_score_curve):
             raise MeshlmError(f"chip {self.name!r}: prefill_score_curve must be [batch, seconds] pairs with "
@@ -132,14 +143,37 @@ class ChipSpec:
         """Achievable matmul FLOP/s with weights stored as `weights` (f32, bf16, int8)."""
         return dict(self.weight_flops).get(weights, self.peak_flops) * self.flops_efficiency
 
-    def matmul_rate(self, weights: str, m: float) -> float:
+    def matmul_rate(self, weights: str, m: float, streamed: float | None = None) -> float:
         """Achievable FLOP/s of a matmul whose activation has m rows, weights stored as `weights`:
         the measured curve interpolated linearly in log M (clamped to its ends) when the spec has
-        one for this format, else flops_for(weights) whatever m is (the paper's model)."""
+        one for this format, else flops_for(weights) whatever m is (the paper's model).
+
+        `streamed`: the bytes per device the pass reads (its working set). With a stream curve for
+        the format, each weight byte costs what streaming it costs at that working set instead of
+        at matmul_curve_bytes (the curve's chain): per weight, the curve's time 2m/rate less
+        b/stream(matmul_curve_bytes) plus b/stream(streamed), never below the time at the curve's
+        largest M (compute-bound, no streaming left to save)."""
         pts = dict(self.matmul_curve).get(weights)
         if not pts:
             return self.flops_for(weights)
-        return _interp_log(pts, m) * self.flops_efficiency
+        rate = _interp_log(pts, m) * self.flops_efficiency
+        if streamed is None or weights not in dict(self.stream_curve):
+            return rate
+        b = BYTES_PER_WEIGHT[weights]
+        t = 2 * m / rate + b / self.stream_bw(weights, streamed) - b / self.stream_bw(weights, self.matmul_curve_bytes)
+        return 2 * m / max(t, 2 * m / (pts[-1][1] * self.flops_efficiency))
+
+    def stream_bw(self, weights: str, streamed: float) -> float:
+        """Bytes/s of one row streaming `weights` with a working set of `streamed` bytes per device:
+        the stream curve interpolated linearly in log bytes (clamped to its ends)."""
+        return _interp_log(dict(self.stream_curve)[weights], streamed) * self.hbm_efficiency
+
+    def weight_bw(self, weights: str, streamed: float | None = None) -> float:
+        """Bytes/s a pass reads its weights at: mem_bw, scaled by the stream curve's rate at the
+        pass's working set against its rate at the matmul curve's chain when the spec has one."""
+        if streamed is None or weights not in dict(self.stream_curve):
+            return self.mem_bw
+        return self.mem_bw * self.stream_bw(weights, streamed) / self.stream_bw(weights, self.matmul_curve_bytes)
 
     def score_elem(self, phase: str, batch: float) -> float:
         """Measured seconds per attention score of `phase` with `batch` sequences per chip:
@@ -218,12 +252,13 @@ class ChipSpec:
         d["vendor_peaks"] = list(self.vendor_peaks)
         d["weight_flops"] = [list(p) for p in self.weight_flops]
         # the measured fields are written only when present: a preset's JSON stays what it was
-        for f, empty in (("matmul_curve", ()), ("logit_elem_s", 0.0), ("prefill_score_curve", ()),
-                         *((f, ()) for f in MAP_FIELDS)):
+        for f, empty in (("logit_elem_s", 0.0), ("prefill_score_curve", ()), ("matmul_curve_bytes", 0.0),
+                         *((f, ()) for f in (*CURVE_FIELDS, *MAP_FIELDS))):
             if getattr(self, f) == empty:
                 del d[f]
-        if self.matmul_curve:
-            d["matmul_curve"] = {fmt: [list(p) for p in pts] for fmt, pts in self.matmul_curve}
+        for f in CURVE_FIELDS:
+            if getattr(self, f):
+                d[f] = {fmt: [list(p) for p in pts] for fmt, pts in getattr(self, f)}
         if self.prefill_score_curve:
             d["prefill_score_curve"] = [list(p) for p in self.prefill_score_curve]
         for f in MAP_FIELDS:
@@ -301,12 +336,12 @@ def chip_from_dict(d: Any, where: str = "chip spec") -> ChipSpec:
             d["weight_flops"] = tuple((str(k), v) for k, v in _pairs(d["weight_flops"]))
         except (TypeError, ValueError):
             raise MeshlmError(f"{where}: weight_flops must be a list of [format, FLOP/s] pairs") from None
-    if "matmul_curve" in d:
-        try:
-            d["matmul_curve"] = tuple((str(fmt), tuple((int(m), v) for m, v in pts))
-                                      for fmt, pts in _pairs(d["matmul_curve"]))
-        except (TypeError, ValueError):
-            raise MeshlmError(f"{where}: matmul_curve must map a weight format to [M, FLOP/s] pairs") from None
+    for f, pair in zip(CURVE_FIELDS, ("[M, FLOP/s]", "[bytes, bytes/s]")):
+        if f in d:
+            try:
+                d[f] = tuple((str(fmt), tuple((int(m), v) for m, v in pts)) for fmt, pts in _pairs(d[f]))
+            except (TypeError, ValueError):
+                raise MeshlmError(f"{where}: {f} must map a weight format to {pair} pairs") from None
     if "prefill_score_curve" in d:
         try:
             d["prefill_score_curve"] = tuple((int(b), v) for b, v in d["prefill_score_curve"])

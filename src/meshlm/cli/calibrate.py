@@ -57,6 +57,8 @@ def run(args) -> int:
             print(f"  all-gather   {cal.collective_bw / g:10.2f} GB/s per device, latency {cal.collective_latency_s * 1e6:.0f} us")
         for w, pts in cal.matmul_curve.items():
             print(f"  matmul {w:5s} vs M: " + ", ".join(f"{m}: {r / g:.0f}" for m, r in pts) + " GFLOP/s")
+        for w, pts in cal.stream_curve.items():
+            print(f"  stream {w:5s} vs MiB: " + ", ".join(f"{b / 2**20:g}: {r / g:.1f}" for b, r in pts) + " GB/s")
         ms = 1e3
         print(f"  engine overhead per pass  prefill {spec['pass_overhead_s'].get('prefill', 0) * ms:.2f} ms, "
               f"decode {spec['pass_overhead_s'].get('decode', 0) * ms:.2f} ms")
