@@ -139,3 +139,20 @@ def test_fit_recovers_overheads_and_keeps_them_non_negative():
     assert fields["pass_overhead_s"] == {"prefill": fit[("pass_overhead_s", "prefill")],
                                          "decode": fit[("pass_overhead_s", "decode")]}
     assert fields["logit_elem_s"] == fit[("logit_elem_s", None)]
+
+
+def test_stream_curve_never_rises_with_the_working_set(monkeypatch):
+    """A smaller chain streams at least as fast as a larger one (it is its prefix): a point timed in
+    a slow stretch takes the best rate at or past it; the sizes are whole weight pairs."""
+    import jax
+
+    import meshlm.calibrate as c
+
+    call = 4 << 20
+    rates = [1e9, 3e9, 2e9]  # bytes/s as timed: the smallest in a slow stretch
+    monkeypatch.setattr(c, "_interleaved", lambda calls, rounds: [call / r for r in rates])
+    pair = 2 * 256 * 1024  # int8 [256, 1024] + [1024, 256]
+    out = c.measure_stream_curve(c._mesh(jax.devices()[:1]), 1, "int8", "f32", [pair, 2 * pair, 4 * pair + 1],
+                                 (256, 1024), call, log=lambda s: None)
+    assert [b for b, _ in out] == [pair, 2 * pair, 4 * pair]
+    assert [r for _, r in out] == pytest.approx([3e9, 3e9, 2e9], rel=1e-12)
