@@ -7,7 +7,7 @@ streams: where a working set stops fitting the host's caches and the rate drops 
 `meshlm calibrate`'s stream curve (calibrate.measure_stream_curve) at the sizes given, --rounds times
 over: one row of x through a chain of about --mib MiB of weights packed as the engine stores them on
 one device, read again and again in a call. On the Intel development VM (480 MiB L3) f32 read 51-54
-GB/s up to 64 MiB and 28 from 256 MiB on; on the Zen 4 one (32 MiB L3) 61-84 GB/s at 16 MiB and
+GB/s up to 64 MiB and 28 from 256 MiB on; on the Zen 4 one (32 MiB L3) 60-87 GB/s at 16 MiB and
 26-29 from 64 MiB on (docs/performance.md): the calibrated bandwidth is one of these regimes, a
 model's weights may sit in another, and the cost model reads the curve at the model's working set.
 """

@@ -134,7 +134,12 @@ def test_stream_curve_moves_the_streaming_share_of_the_matmul_curve():
     assert c.matmul_rate("int8", 8, 16 << 20) == pytest.approx(at(8, c.matmul_rate("int8", 8), 4e10), rel=1e-12)
     for s in (1 << 30, 8 << 30, None):  # at or past the chain's working set (clamped), or none given: the curve
         assert c.matmul_rate("int8", 1, s) == c.matmul_rate("int8", 1) == 2e10
-    assert c.matmul_rate("int8", 64, 16 << 20) == 1e11  # compute-bound: never past the curve's largest-M rate
+    assert c.matmul_rate("int8", 64, 16 << 20) == 1e11  # compute-bound: never past the curve's best rate
+    # a curve whose largest M reads below its best (Zen 4 int8: 201 GFLOP/s at M = 128, 183 at 4096):
+    # the bound is the best rate, and a working set at the chain's size leaves the curve as it is
+    dip = chip_from_dict({**HOST, **MEASURED, "matmul_curve": {"int8": [[1, 2e10], [16, 1.2e11], [4096, 1e11]]}})
+    assert dip.matmul_rate("int8", 16, 1 << 30) == 1.2e11 and dip.matmul_rate("int8", 16, 16 << 20) == 1.2e11
+    assert dip.matmul_rate("int8", 4096, 16 << 20) == pytest.approx(2 * 4096 / (2 * 4096 / 1e11 - 1 / 4e10))
     assert c.matmul_rate("f32", 1, 16 << 20) == 1e10  # no stream curve for f32: unchanged
     # the weights' own bandwidth term scales with the stream curve the same way
     assert c.weight_bw("int8", 16 << 20) == pytest.approx(2 * 2.5e10) and c.weight_bw("int8", 1 << 30) == 2.5e10

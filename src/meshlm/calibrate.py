@@ -13,6 +13,10 @@ simulated devices share the cores, so a per-device number measured alone would o
 - the matmul curve: achieved FLOP/s against M, the rows of the activation, for the engine's weight
   formats (through `quant.dot_rows`, so whatever kernel the engine uses is what is timed), over a
   chain of E x F / F x E matrices larger than the last-level cache;
+- the stream curve (CPU): one row's weight streaming rate against the working set, chains of 16
+  MiB up to past the last-level cache read again and again (a model whose weights fit the cache
+  streams them faster than the matmul curve's chain did; the cost model reads the curve at each
+  pass's weights and KV cache);
 - attention as the engine runs it (`measure_attention`, heads of d_head 64): decode over a cache
   larger than the last-level cache (what its K/V read costs beyond the memory bandwidth becomes
   seconds per cached element) and causal prefill over 1024-token prompts at batch 1, 2 and 4

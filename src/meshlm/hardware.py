@@ -151,8 +151,9 @@ class ChipSpec:
         `streamed`: the bytes per device the pass reads (its working set). With a stream curve for
         the format, each weight byte costs what streaming it costs at that working set instead of
         at matmul_curve_bytes (the curve's chain): per weight, the curve's time 2m/rate less
-        b/stream(matmul_curve_bytes) plus b/stream(streamed), never below the time at the curve's
-        largest M (compute-bound, no streaming left to save)."""
+        b/stream(matmul_curve_bytes) plus b/stream(streamed), never faster than the curve's best
+        rate (compute-bound, no streaming left to save; the curve's largest M can read below its
+        best, so that point is not the bound)."""
         pts = dict(self.matmul_curve).get(weights)
         if not pts:
             return self.flops_for(weights)
@@ -161,7 +162,8 @@ class ChipSpec:
             return rate
         b = BYTES_PER_WEIGHT[weights]
         t = 2 * m / rate + b / self.stream_bw(weights, streamed) - b / self.stream_bw(weights, self.matmul_curve_bytes)
-        return 2 * m / max(t, 2 * m / (pts[-1][1] * self.flops_efficiency))
+        best = max(r for _, r in pts) * self.flops_efficiency  # compute-bound: no streaming left to save
+        return 2 * m / max(t, 2 * m / best)
 
     def stream_bw(self, weights: str, streamed: float) -> float:
         """Bytes/s of one row streaming `weights` with a working set of `streamed` bytes per device:
