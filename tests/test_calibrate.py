@@ -114,7 +114,7 @@ def test_fit_recovers_overheads_and_keeps_them_non_negative():
     """fit_overheads on samples made from known coefficients gives them back (a long prefill whose
     residual is far off is not fitted); a term that would fit negative is held at 0 (an overhead
     cannot save time)."""
-    from meshlm.calibrate import OVERHEAD_TERMS, fit_overheads, overhead_fields
+    from meshlm.engine_costs import OVERHEAD_TERMS, fit_overheads, overhead_fields
 
     rng = np.random.default_rng(1)
     truth = np.array([0.03, 2e-4, 1e-4, 3e-5, 5e-9, 8e-10])

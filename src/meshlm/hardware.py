@@ -29,7 +29,8 @@ TOPOLOGIES = ("3d-torus", "2d-torus", "nvlink-switch", "switch")
 # the measured fields that map each phase (prefill, decode) to seconds
 PHASE_FIELDS = ("pass_overhead_s", "layer_overhead_s", "score_elem_s", "kv_elem_s", "act_elem_s")
 MAP_FIELDS = (*PHASE_FIELDS, "kv_format_elem_s")  # the measured fields that map a key to seconds
-CURVE_FIELDS = ("matmul_curve", "stream_curve")  # the measured fields that map a weight format to a curve
+# the measured fields that map a weight format to a curve: the units of its [x, y] pairs
+CURVE_FIELDS = {"matmul_curve": ("M", "FLOP/s"), "stream_curve": ("bytes", "bytes/s")}
 GiB = 1024**3
 
 
@@ -105,7 +106,7 @@ class ChipSpec:
                 raise MeshlmError(f"chip {self.name!r}: weight_flops[{fmt!r}] must be a positive number, got {v!r}")
         if self.hop_latency_s < 0:
             raise MeshlmError(f"chip {self.name!r}: hop_latency_s must be >= 0")
-        for what, x, y in (("matmul_curve", "M", "FLOP/s"), ("stream_curve", "bytes", "bytes/s")):
+        for what, (x, y) in CURVE_FIELDS.items():
             for fmt, pts in getattr(self, what):
                 xs = [m for m, _ in pts]
                 if not pts or xs != sorted(set(xs)) or any(not _positive(v) or not _positive(m) for m, v in pts):
@@ -338,12 +339,12 @@ def chip_from_dict(d: Any, where: str = "chip spec") -> ChipSpec:
             d["weight_flops"] = tuple((str(k), v) for k, v in _pairs(d["weight_flops"]))
         except (TypeError, ValueError):
             raise MeshlmError(f"{where}: weight_flops must be a list of [format, FLOP/s] pairs") from None
-    for f, pair in zip(CURVE_FIELDS, ("[M, FLOP/s]", "[bytes, bytes/s]")):
+    for f, (x, y) in CURVE_FIELDS.items():
         if f in d:
             try:
                 d[f] = tuple((str(fmt), tuple((int(m), v) for m, v in pts)) for fmt, pts in _pairs(d[f]))
             except (TypeError, ValueError):
-                raise MeshlmError(f"{where}: {f} must map a weight format to {pair} pairs") from None
+                raise MeshlmError(f"{where}: {f} must map a weight format to [{x}, {y}] pairs") from None
     if "prefill_score_curve" in d:
         try:
             d["prefill_score_curve"] = tuple((int(b), v) for b, v in d["prefill_score_curve"])

@@ -33,13 +33,14 @@ def run(args) -> int:
 
         simulate_cpu_devices(args.devices)
     from meshlm import calibrate as cal_mod
+    from meshlm.engine_costs import calibrate_engine
     from meshlm.hardware import chip_from_dict, local_spec_path
 
     log = (lambda m: print(m, file=sys.stderr))
     cal = cal_mod.calibrate(quick=args.quick, log=log)
     compute = "f32" if cal.platform == "cpu" else "bf16"  # the dtype the engine computes in there
     spec = cal_mod.to_chip_dict(cal, compute)
-    fields, samples = cal_mod.calibrate_engine(spec, quick=args.quick, log=log)
+    fields, samples = calibrate_engine(spec, quick=args.quick, log=log)
     spec.update(fields)
     chip_from_dict(spec, where="measured spec")  # the planner must accept what we write
     out = Path(args.out) if args.out else local_spec_path()
