@@ -204,13 +204,24 @@ def machine() -> dict:
 
     import jax
 
-    cpu = ""
+    from meshlm import kernels
+
+    info = {}  # /proc/cpuinfo's first processor: "model name", "cpu family", "model"
     if os.path.exists("/proc/cpuinfo"):
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+        for ln in open("/proc/cpuinfo"):
+            key, _, value = ln.partition(":")
+            if not key.strip():
+                break
+            info.setdefault(key.strip(), value.strip())
     dev = jax.devices()[0]
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(), "cpu": cpu,
-            "nproc": os.cpu_count(), "device": f"{len(jax.devices())} x {dev.device_kind} ({dev.platform})",
-            "loadavg_1m": os.getloadavg()[0]}
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
+           "cpu": info.get("model name", ""), "nproc": os.cpu_count(),
+           "device": f"{len(jax.devices())} x {dev.device_kind} ({dev.platform})", "loadavg_1m": os.getloadavg()[0]}
+    if "cpu family" in info:
+        out["cpu_id"] = f"family {info['cpu family']} model {info.get('model', '?')}"
+    if dev.platform == "cpu":
+        out["kernel_isa"] = kernels.isa()  # which code path of the CPU kernels ran (None: the XLA paths)
+    return out
 
 
 def write_json(path: str, obj: dict, quiet: bool = False) -> None:

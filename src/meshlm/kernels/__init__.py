@@ -15,7 +15,12 @@
 The library is compiled on first use with the system g++
 (cached under $MESHLM_HOME/kernels) and registered for platform "cpu" only; call these on CPU
 (e.g. from a `jax.lax.platform_dependent` branch). `available()` says whether they can be used;
-when not (MESHLM_KERNELS=0, no compiler, a failed build), `reason()` says why, logged once."""
+when not (MESHLM_KERNELS=0, no compiler, a failed build), `reason()` says why, logged once.
+
+The sources hold three code paths, picked at compile time from the CPU (-march=native): AVX-512,
+AVX2 + FMA, and portable loops; `isa()` says which one was built. MESHLM_KERNEL_ISA=avx2 or
+=portable builds a lower one on a CPU that has more (what tests/test_kernels_isa.py runs the kernel
+tests under, so that every path is checked on any x86 host)."""
 
 from __future__ import annotations
 
@@ -43,18 +48,28 @@ _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive: XLA holds its pointers)
 
 
+# MESHLM_KERNEL_ISA: the flags that keep g++ below the CPU's own instruction set
+ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "portable": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
+
+
 def _load() -> tuple[bool, str]:
     if os.environ.get("MESHLM_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return False, "CPU kernels disabled by MESHLM_KERNELS=0; using the XLA paths"
+    isa = os.environ.get("MESHLM_KERNEL_ISA", "native").strip().lower()
+    if isa not in ISA_FLAGS:
+        return False, f"MESHLM_KERNEL_ISA={isa!r} is not one of {', '.join(ISA_FLAGS)}; using the XLA paths"
     try:
-        lib_path = build(_SOURCES, "meshlm_kernels", jax.ffi.include_dir(), f"jax {jax.__version__}")
+        lib_path = build(_SOURCES, "meshlm_kernels", jax.ffi.include_dir(), f"jax {jax.__version__}",
+                         ISA_FLAGS[isa])
         lib = ctypes.cdll.LoadLibrary(str(lib_path))
         for name in _TARGETS:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     except (BuildError, OSError, subprocess.SubprocessError, AttributeError, ValueError) as e:
         return False, f"CPU kernels unavailable ({e}); using the XLA paths"
     _state["lib"] = lib
-    return True, f"CPU kernels loaded from {lib_path}"
+    lib.meshlm_kernel_isa.restype = ctypes.c_char_p
+    _state["isa"] = lib.meshlm_kernel_isa().decode()
+    return True, f"CPU kernels ({_state['isa']}) loaded from {lib_path}"
 
 
 def _ensure() -> None:
@@ -74,6 +89,12 @@ def enabled() -> bool:
     """True when jitted code lowered now runs on CPU and the kernels are built: on accelerator
     hosts nothing is compiled and callers lower their XLA path alone."""
     return jax.default_backend() == "cpu" and available()
+
+
+def isa() -> str | None:
+    """The code path the kernels were compiled with ("avx512", "avx2" or "portable"); None when they
+    are unavailable."""
+    return _state.get("isa") if available() else None
 
 
 def reason() -> str:

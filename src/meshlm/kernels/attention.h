@@ -23,6 +23,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)  // BW, VL: the bf16 row loads
 #include <immintrin.h>
 #define MESHLM_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)  // Zen 1-3 and the Intel parts without AVX-512
+#include <immintrin.h>
+#define MESHLM_AVX2 1
 #endif
 
 namespace meshlm {
@@ -52,6 +55,12 @@ inline bf16 to_bf16(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40)};
   return bf16{uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
 }
+
+// e^x as Cephes expf: 2^n * p(r), n = round(x log2 e), r = x - n ln 2 (ln 2 in two parts),
+// p(r) = 1 + r + r^2 (c0 r^5 + ... + c5); relative error ~1e-7 for x in [-87, 88].
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 inline void store_row(const float* x, float* y, int64_t n) { std::copy(x, x + n, y); }
 inline void store_row(const float* x, bf16* y, int64_t n) {
@@ -94,19 +103,15 @@ inline void axpy(float p, const T* x, float* y, int64_t D) {  // y += p * x
   }
 }
 
-// e^x (Cephes expf: 2^n * p(r), r = x - n ln 2), relative error ~1e-7 for x in [-87, 88].
+// e^x (kExpPoly above), 16 lanes.
 inline __m512 exp_ps(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  UNROLL for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
 }
@@ -239,6 +244,77 @@ inline void block_values(const float* p, int64_t len, const T* vr, int64_t row, 
       }
       UNROLL for (int j = 0; j < NV; ++j) _mm512_storeu_ps(o + h * D + 16 * j, ov[j]);
     }
+}
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t D) {  // every 64-byte line of D elements
+  for (int64_t d = 0; d < D; d += 64 / sizeof(T)) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
+}
+
+#elif defined(MESHLM_AVX2)
+
+// 8 lanes widened to f32 (bf16: the high halves of f32s).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Without AVX-512's masked loads the tails (D not a multiple of 8, short score rows) run as scalars.
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t D) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), load8(b + d + 8), acc1);
+  }
+  for (; d + 8 <= D; d += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), acc0);
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; d < D; ++d) s += a[d] * to_f32(b[d]);
+  return s;
+}
+
+template <typename T>
+inline void axpy(float p, const T* x, float* y, int64_t D) {  // y += p * x
+  const __m256 pb = _mm256_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(pb, load8(x + d), _mm256_loadu_ps(y + d)));
+  for (; d < D; ++d) y[d] += p * to_f32(x[d]);
+}
+
+// e^x (kExpPoly above), 8 lanes; 2^n built in the exponent bits (n in [-126, 127] for x in [-87, 88]).
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  UNROLL for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// p[i] = e^(p[i] - m) in place; returns their sum.
+inline float exp_sum(float* p, int64_t n, float m) {
+  const __m256 mb = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i), mb));
+    _mm256_storeu_ps(p + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float l = hsum(acc);
+  for (; i < n; ++i) l += (p[i] = std::exp(p[i] - m));
+  return l;
 }
 
 template <typename T>

@@ -42,13 +42,14 @@ def _compiler_version(cxx: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else ""
 
 
-def build(sources: list[Path], name: str, include_dir: str, tag: str) -> Path:
+def build(sources: list[Path], name: str, include_dir: str, tag: str, extra_flags: tuple[str, ...] = ()) -> Path:
     """The path of a shared library `name` compiled from the .cc files of `sources` (headers they
-    include listed too, so they enter the cache key); built now unless cached."""
+    include listed too, so they enter the cache key), with `extra_flags` after the usual ones; built now
+    unless cached."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise BuildError(f"no C++ compiler ({cxx}) on PATH")
-    cmd = [cxx, *FLAGS, f"-I{include_dir}"]
+    cmd = [cxx, *FLAGS, *extra_flags, f"-I{include_dir}"]
     key = hashlib.sha256()
     for part in (*(s.read_bytes() for s in sources), " ".join(cmd).encode(), _compiler_version(cxx).encode(),
                  tag.encode(), _cpu_id().encode()):

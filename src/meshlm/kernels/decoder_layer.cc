@@ -55,6 +55,10 @@ void rms_norm(const float* x, const float* g, float eps, int64_t E, float* out) 
   __m512 acc = _mm512_setzero_ps();  // 16 partial sums: one dependent add per element took ~4 cycles
   for (; e + 16 <= E; e += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + e), _mm512_loadu_ps(x + e), acc);
   ss = _mm512_reduce_add_ps(acc);
+#elif defined(MESHLM_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; e + 8 <= E; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + e), _mm256_loadu_ps(x + e), acc);
+  ss = meshlm::attention::hsum(acc);
 #endif
   for (; e < E; ++e) ss += x[e] * x[e];
   const float r = 1.f / std::sqrt(ss / float(E) + eps);
@@ -81,6 +85,13 @@ void silu_mul(const float* g, const float* u, float* h, int64_t n) {
     const __m512 x = _mm512_loadu_ps(g + i);
     const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, meshlm::attention::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
     _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_mul_ps(x, sig), _mm512_loadu_ps(u + i)));
+  }
+#elif defined(MESHLM_AVX2)
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, meshlm::attention::exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+    _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
   }
 #endif
   for (; i < n; ++i) h[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
@@ -232,3 +243,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(meshlm_decoder_layer, DecoderLayer,
                                   .Ret<F32>()                      // x'
                                   .Ret<ffi::AnyBuffer>()           // k cache (aliased)
                                   .Ret<ffi::AnyBuffer>());         // v cache (aliased)
+
+// Which of the headers' code paths this library was compiled with (matmul.h and attention.h pick
+// the same one): "avx512", "avx2" or "portable".
+extern "C" const char* meshlm_kernel_isa() {
+#if defined(MESHLM_AVX512)
+  return "avx512";
+#elif defined(MESHLM_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}

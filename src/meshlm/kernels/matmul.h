@@ -22,12 +22,18 @@
 
 #include "ffi_common.h"
 
+// The instruction set the code below is written for, chosen at compile time (-march=native):
+// AVX-512 (Zen 4/5, Intel Xeons since Skylake-SP), AVX2 + FMA (Zen 1-3, Intel client parts and
+// Xeons before it: the packed kernels in 256-bit registers), else portable loops.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define MESHLM_AVX512 1
 #if defined(__AVX512VNNI__)
 #define MESHLM_VNNI 1
 #endif
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MESHLM_AVX2 1
 #endif
 
 namespace meshlm {
@@ -42,7 +48,7 @@ constexpr int kPrefetchBytes = 256;
 constexpr int64_t kStreamMaxM = 8;  // rows of x up to which a packed matmul is memory-bound (packed_split)
 constexpr int64_t kSplitRows = 16;  // a thread's share of a packed weight is a multiple of this many panel rows
 
-#ifdef MESHLM_AVX512
+#if defined(MESHLM_AVX512) || defined(MESHLM_AVX2)
 
 // How far ahead a packed weight stream is prefetched, and into which cache, per CPU vendor. AMD
 // Zen 4/5: into L1, 1024 bytes ahead for int8 and 4096 for f32 (16 panel rows; best of 512-2048
@@ -51,15 +57,22 @@ constexpr int64_t kSplitRows = 16;  // a thread's share of a packed weight is a 
 // 5.75, 4096 5.66; into L2 4096 4.99, 8192 4.76, 16384-32768 no better; batch 4 8.87 -> 7.42-7.77,
 // f32 batch 1 21.75 -> 20.5 (presumably a core of this part needs more misses in flight than
 // the shorter distance keeps, and L2 has more room for them than L1).
+// AVX2 (the Zen 2 VM, 2026-12-06, the decode step in alternating processes): int8 4096 bytes into L2
+// (6.1-6.2 ms at batch 1) against 1024 into L1 (6.3-10.0) and none (7.6-8.3); f32 none, -1 (20.3-20.7
+// ms), against 4096 into L1 (20.7-21.3) and 16384 into L2 (21.6-22.3).
 struct StreamAhead {
-  int int8_bytes, f32_bytes;
+  int int8_bytes, f32_bytes;  // < 0: no software prefetch (the hardware prefetcher alone)
   bool into_l2;
   template <typename W>
   int bytes() const { return sizeof(W) == 1 ? int8_bytes : f32_bytes; }
 };
 
 inline const StreamAhead& stream_ahead() {
+#ifdef MESHLM_AVX512
   static const StreamAhead a = __builtin_cpu_is("amd") ? StreamAhead{1024, 4096, false} : StreamAhead{8192, 8192, true};
+#else
+  static const StreamAhead a{4096, -1, true};
+#endif
   return a;
 }
 
@@ -70,6 +83,10 @@ inline void prefetch_lines(const char* p, int n, bool into_l2) {
   else
     for (int l = 0; l < n; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
 }
+
+#endif
+
+#ifdef MESHLM_AVX512
 
 // Masked loads are much slower than plain ones here (measured ~5x on this Zen core): use them only
 // at edges.
@@ -384,7 +401,8 @@ inline void packed1_vnni(const RowTerms& xt, const int8_t* w, const float* s, fl
 
 #endif  // MESHLM_VNNI
 
-#else  // portable loops; GCC auto-vectorizes the inner column / row loops for the target ISA
+#else  // portable loops (GCC auto-vectorizes the inner column / row loops for the target ISA); with
+// AVX2, intrinsics for the packed kernels, which every single-device pass runs on
 
 template <int NV, bool FULL>
 void panel1(const float* x, const int8_t* q, float* y, int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t w) {
@@ -433,6 +451,101 @@ void panel_f32(const float* x, const float* buf, float* y, int64_t R, int64_t C,
   for (int m = 0; m < NM; ++m) std::memcpy(y + m * C + c0, acc[m], w * sizeof(float));
 }
 
+#ifdef MESHLM_AVX2
+
+// 8 weights widened to f32: int8 sign-extended (vpmovsxbd from memory), f32 as they are.
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+constexpr int64_t kPassRows = 32;  // panel rows per block of passes (8 KiB of f32), see panel_rows
+
+// Rows [b0, b1) of one packed panel w [R, PW] against NM rows of x (xs apart), columns [c0, c0 + 8 NV):
+// y[m, c0:c0 + 8 NV] (+)= x[m, b0:b1] @ w[b0:b1, c0:] (y rows ys apart; `first` overwrites). AVX2 has
+// 16 registers: NM * NV <= 8 accumulators, NM broadcasts and one weight vector. With ahead >= 0 each
+// row prefetches the cache lines that start in this pass's columns `ahead` bytes further on, so the
+// passes together fetch every line of the rows ahead once.
+template <int NM, int NV, typename W>
+void packed_cols(const float* x, int64_t xs, const W* w, float* y, int64_t ys, int64_t b0, int64_t b1, int c0,
+                 bool first, int64_t ahead, bool into_l2) {
+  const int first_line = (c0 * int(sizeof(W)) + 63) / 64 * 64, end = (c0 + 8 * NV) * int(sizeof(W));
+  __m256 a[NM][NV];
+  UNROLL for (int m = 0; m < NM; ++m)
+    UNROLL for (int j = 0; j < NV; ++j) a[m][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + m * ys + c0 + 8 * j);
+  const W* p = w + b0 * PW;
+  for (int64_t r = b0; r < b1; ++r, p += PW) {
+    if (ahead >= 0)
+      for (int l = first_line; l < end; l += 64) prefetch_lines(reinterpret_cast<const char*>(p) + ahead + l, 1, into_l2);
+    __m256 xb[NM];
+    UNROLL for (int m = 0; m < NM; ++m) xb[m] = _mm256_broadcast_ss(x + m * xs + r);
+    UNROLL for (int j = 0; j < NV; ++j) {
+      __m256 wv = load8(p + c0 + 8 * j);
+      // one load per weight vector: GCC otherwise folds it into each of the NM FMAs (12 loads per 8
+      // FMAs at NM = 4, more than the two load ports keep up with)
+      asm("" : "+x"(wv));
+      UNROLL for (int m = 0; m < NM; ++m) a[m][j] = _mm256_fmadd_ps(xb[m], wv, a[m][j]);
+    }
+  }
+  UNROLL for (int m = 0; m < NM; ++m)
+    UNROLL for (int j = 0; j < NV; ++j) _mm256_storeu_ps(y + m * ys + c0 + 8 * j, a[m][j]);
+}
+
+// Every pass of NM <= 4 rows of x over rows [b0, b1) of a panel: 8 / NM column vectors per pass
+// (one row of x: the whole 64-column panel row, 8 FMA chains, in one pass).
+template <int NM, typename W>
+void block_passes(const float* x, int64_t xs, const W* w, float* y, int64_t ys, int64_t b0, int64_t b1, bool first,
+                  int64_t ahead, bool into_l2) {
+  constexpr int NV = NM == 1 ? 8 : NM == 2 ? 4 : 2;
+  for (int c0 = 0; c0 < PW; c0 += 8 * NV) packed_cols<NM, NV>(x, xs, w, y, ys, b0, b1, c0, first, ahead, into_l2);
+}
+
+// As the AVX-512 panel_rows: all M rows of x (xs apart) against rows [r0, r1) of one packed panel,
+// y[:, 0:PW] = x[:, r0:r1] @ panel[r0:r1] (* s), y rows ys apart and the partial sums kept in y.
+// The panel goes in blocks of kPassRows rows. A few rows of x (memory-bound) take each block
+// through every group of 4 rows and every pass before the next block, so it comes from memory once
+// and from L1 after; more rows take each group through the whole range, which stays in L2, while
+// their rows of y stay in L1. Only the first group prefetches, a block ahead when it makes several
+// passes (its passes run from cache and the memory would sit idle behind them), otherwise at the
+// one-row distance. Zen 2 host, 2026-12-06, benchmarks/packed_matmul.py (30 FFN pairs, two
+// alternating rounds), against GCC's vectorized portable loops: int8 at M = 1, 4, 8, 64, 256 2.7,
+// 4.5-4.9, 9.0-12.5, 58-64, 242-245 ms against 4.0-4.4, 14.3-15.0, 27.7-28.4, 229-234, 923-926;
+// f32 at M = 1 7.0-7.3 against 8.1-8.3, at M >= 4 no faster (M = 8: 14.2-15.1 either way, twice
+// M = 1's time where the memory alone would take the same: its memory and FMAs do not overlap
+// well, and neither block size 16-64 nor a prefetch 1-2 blocks ahead into L1 or L2 changed that).
+template <typename W>
+void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, float* y, int64_t ys, int64_t M,
+                int64_t r0, int64_t r1) {
+  const StreamAhead& st = stream_ahead();
+  const int64_t ahead = M == 1 ? st.bytes<W>() : std::max<int64_t>(st.bytes<W>(), kPassRows * PW * sizeof(W));
+  const int64_t block = M == 1 ? std::max<int64_t>(r1 - r0, 1) : kPassRows;  // one row of x: one pass
+  auto group = [&](int64_t m, int64_t b0) {
+    const int64_t b1 = std::min(r1, b0 + block), pf = m == 0 ? ahead : -1;
+    const float* xm = x + m * xs;
+    float* ym = y + m * ys;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: return block_passes<1>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
+      case 2: return block_passes<2>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
+      case 3: return block_passes<3>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
+      default: return block_passes<4>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
+    }
+  };
+  if (M <= kStreamMaxM)
+    for (int64_t b0 = r0; b0 < r1; b0 += block)
+      for (int64_t m = 0; m < M; m += 4) group(m, b0);
+  else
+    for (int64_t m = 0; m < M; m += 4)
+      for (int64_t b0 = r0; b0 < r1; b0 += block) group(m, b0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int c = 0; c < PW; c += 8) {
+      float* ym = y + m * ys + c;
+      if (r1 <= r0) _mm256_storeu_ps(ym, _mm256_setzero_ps());  // an empty range
+      else if (s) _mm256_storeu_ps(ym, _mm256_mul_ps(_mm256_loadu_ps(ym), _mm256_loadu_ps(s + c)));
+    }
+}
+
+#else
+
 template <int NM, typename W>
 void packed_rows(const float* x, int64_t xs, const W* w, const float* s, float* y, int64_t ys, int64_t R) {
   float acc[NM][PW] = {};
@@ -447,6 +560,8 @@ template <typename W>
 void packed1(const float* x, const W* w, const float* s, float* y, int64_t R) {
   packed_rows<1>(x, R, w, s, y, PW, R);
 }
+
+#endif  // MESHLM_AVX2
 
 #endif
 
@@ -539,6 +654,7 @@ inline void matmul_t_rows(const float* x, const int8_t* q, float* y, int64_t M, 
 // Widening blocks into L1 first and tiling them (panels, as the row-major kernel does) was slower
 // at every M measured, 2-256: int8 8.5 vs 2.2 ms at M = 4, 112-142 vs 81 at 256
 // (benchmarks/packed_matmul.py).
+#ifndef MESHLM_AVX2
 template <typename W>
 void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, float* y, int64_t ys, int64_t M,
                 int64_t r0, int64_t r1) {
@@ -554,6 +670,7 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
     default: break;
   }
 }
+#endif
 
 // y = x @ q (* s) for q (int8 or f32) packed panel-major [C / PW, R, PW]: panel p holds columns
 // [p PW, (p + 1) PW) of every row, contiguous, so the weight is one sequence of C / PW * R panel
