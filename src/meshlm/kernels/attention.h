@@ -33,7 +33,14 @@ namespace attention {
 
 constexpr int64_t kMinChunk = 64;  // cache positions per chunk, at least
 constexpr int64_t kPrefetchRows = 4;  // rows ahead (the per-row path)
-constexpr int64_t kAhead = 2;         // blocks ahead (the blocked path)
+#if defined(MESHLM_AVX512)
+constexpr int64_t kLanes = 16;  // f32 lanes per vector: cached rows per block of the blocked path
+#elif defined(MESHLM_AVX2)
+constexpr int64_t kLanes = 8;
+#endif
+#if defined(MESHLM_AVX512) || defined(MESHLM_AVX2)
+constexpr int64_t kAhead = 32 / kLanes;  // blocks ahead (the blocked path): 32 cached rows
+#endif
 
 struct bf16 {  // a bfloat16 as stored: the high 16 bits of an f32
   uint16_t bits;
@@ -66,6 +73,22 @@ inline void store_row(const float* x, float* y, int64_t n) { std::copy(x, x + n,
 inline void store_row(const float* x, bf16* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = to_bf16(x[i]);
 }
+
+#if defined(MESHLM_AVX512) || defined(MESHLM_AVX2)
+// The h-th of H equal parts of [p, p + n) (n elements) into L2, one prefetch per 64-byte line: a
+// block ahead's rows, spread over this block's heads. The heads read a block's rows strided, which
+// the hardware prefetcher does not follow: with no prefetch, or a burst per block into L1, the
+// blocked path streamed at ~45% of the bandwidth pass (measured in alternating processes, SmolLM2
+// heads at 1088 positions; into L2 two blocks ahead was the best of 1-4 blocks, L1/L2/NTA).
+template <typename T>
+inline void prefetch_part(const T* p, int64_t n, int64_t h, int64_t H) {
+  constexpr int64_t line = 64 / sizeof(T);
+  const int64_t part = ((n + H - 1) / H + line - 1) / line * line;
+  for (int64_t i = h * part; i < std::min(n, (h + 1) * part); i += line)
+    _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T1);
+}
+
+#endif
 
 #ifdef MESHLM_AVX512
 
@@ -160,19 +183,6 @@ inline void load_head(const bf16* p, __m512* x) {
     x[2 * j] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
     x[2 * j + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
   }
-}
-
-// The h-th of H equal parts of [p, p + n) (n elements) into L2, one prefetch per 64-byte line: a
-// block ahead's rows, spread over this block's heads. The heads read a block's rows strided, which
-// the hardware prefetcher does not follow: with no prefetch, or a burst per block into L1, the
-// blocked path streamed at ~45% of the bandwidth pass (measured in alternating processes, SmolLM2
-// heads at 1088 positions; into L2 two blocks ahead was the best of 1-4 blocks, L1/L2/NTA).
-template <typename T>
-inline void prefetch_part(const T* p, int64_t n, int64_t h, int64_t H) {
-  constexpr int64_t line = 64 / sizeof(T);
-  const int64_t part = ((n + H - 1) / H + line - 1) / line * line;
-  for (int64_t i = h * part; i < std::min(n, (h + 1) * part); i += line)
-    _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T1);
 }
 
 // The order load_head gives a head's D values in (n heads of D, D a multiple of 32), and back.
@@ -322,6 +332,80 @@ inline void prefetch_row(const T* p, int64_t D) {  // every 64-byte line of D el
   for (int64_t d = 0; d < D; d += 64 / sizeof(T)) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
 }
 
+// lane i = the sum of a[i]'s 8 lanes (two rounds of hadd within 128-bit lanes, then the halves added).
+inline __m256 sum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [a0..a3 | a4..a7] per 128-bit lane
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// As the AVX-512 block_scores, 8 cached rows a block: a head's 8 dot products reduced together
+// (sum8). q is read from L1 8 columns at a time, so 8 accumulators, q's piece and a row's piece fit
+// the 16 registers at D = 64 and 128 alike. bf16 rows widen in order (no split order needed).
+template <int NV, typename T>
+inline void block_scores(const float* q, const T* kr, int64_t row, int64_t n, int64_t K, int64_t G, float scale,
+                         float* sc, int64_t len, float* mx, const T* pf, int64_t pf_n) {
+  constexpr int64_t D = 8 * NV;
+  const __m256 sb = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 keep = _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  const T* rp[8];
+  UNROLL for (int r = 0; r < 8; ++r) rp[r] = kr + std::min<int64_t>(r, n - 1) * row;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = k * G + g;
+      prefetch_part(pf, pf_n, h, K * G);
+      __m256 acc[8];
+      UNROLL for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+      UNROLL for (int j = 0; j < NV; ++j) {
+        const __m256 qj = _mm256_loadu_ps(q + h * D + 8 * j);
+        UNROLL for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qj, load8(rp[r] + k * D + 8 * j), acc[r]);
+      }
+      const __m256 s = _mm256_mul_ps(sum8(acc), sb);
+      if (n == 8) {
+        _mm256_storeu_ps(sc + h * len, s);
+      } else {
+        alignas(32) float t[8];
+        _mm256_store_ps(t, s);
+        std::copy(t, t + n, sc + h * len);
+      }
+      float* mh = mx + 8 * h;
+      _mm256_storeu_ps(mh, _mm256_max_ps(_mm256_loadu_ps(mh), _mm256_blendv_ps(ninf, s, keep)));
+    }
+}
+
+// As the AVX-512 block_values: o[h] += sum_r p[h * len + r] * vr[r, k], 8 vectors of o in
+// registers across a block's rows.
+template <int NV, typename T>
+inline void block_values(const float* p, int64_t len, const T* vr, int64_t row, int64_t n, int64_t K, int64_t G,
+                         float* o, const T* pf, int64_t pf_n) {
+  constexpr int64_t D = 8 * NV;
+  constexpr int NH = NV < 8 ? NV : 8;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = k * G + g;
+      prefetch_part(pf, pf_n, h, K * G);
+      for (int j0 = 0; j0 < NV; j0 += NH) {
+        float* oh = o + h * D + 8 * j0;
+        __m256 ov[NH];
+        UNROLL for (int j = 0; j < NH; ++j) ov[j] = _mm256_loadu_ps(oh + 8 * j);
+        for (int64_t r = 0; r < n; ++r) {
+          const __m256 pb = _mm256_set1_ps(p[h * len + r]);
+          const T* v = vr + r * row + k * D + 8 * j0;
+          UNROLL for (int j = 0; j < NH; ++j) ov[j] = _mm256_fmadd_ps(pb, load8(v + 8 * j), ov[j]);
+        }
+        UNROLL for (int j = 0; j < NH; ++j) _mm256_storeu_ps(oh + 8 * j, ov[j]);
+      }
+    }
+}
+
+// bf16 rows widen in order here: q and o keep the usual order.
+template <typename T>
+inline void to_split(const float* x, float* y, int64_t n, int64_t D) { std::copy(x, x + n * D, y); }
+template <typename T>
+inline void from_split(float*, int64_t, int64_t) {}
+
 #else  // portable loops
 
 template <typename T>
@@ -370,15 +454,15 @@ struct Dims {
   int64_t B, S, K, G, D, P, chunk;
 };
 
-#ifdef MESHLM_AVX512
-// chunk_softmax for D = 16 NV in blocks of 16 cached rows: each block is read from memory once and
-// again from L1 for each query head; o in registers across a block's rows.
+#if defined(MESHLM_AVX512) || defined(MESHLM_AVX2)
+// chunk_softmax for D = kLanes NV in blocks of kLanes cached rows: each block is read from memory
+// once and again from L1 for each query head; o in registers across a block's rows.
 template <int NV, typename T>
 inline void blocked_softmax(const float* q, const T* kr, const T* vr, int64_t row, int64_t K, int64_t G, float scale,
                             int64_t len, float* m, float* l, float* o) {
-  constexpr int64_t D = 16 * NV, R = 16;
+  constexpr int64_t D = kLanes * NV, R = kLanes;
   const int64_t H = K * G;
-  std::vector<float> qs(H * D), sc(H * len), mx(16 * H, -std::numeric_limits<float>::infinity());
+  std::vector<float> qs(H * D), sc(H * len), mx(R * H, -std::numeric_limits<float>::infinity());
   to_split<T>(q, qs.data(), H, D);
   // The K blocks, then the V blocks, are one stream: block i prefetches block i + kAhead's rows, and
   // the first kAhead blocks are fetched at the start.
@@ -398,7 +482,7 @@ inline void blocked_softmax(const float* q, const T* kr, const T* vr, int64_t ro
                      mx.data(), pf, pf_n);
   }
   for (int64_t h = 0; h < H; ++h) {
-    m[h] = _mm512_reduce_max_ps(_mm512_loadu_ps(mx.data() + 16 * h));
+    m[h] = *std::max_element(mx.data() + R * h, mx.data() + R * (h + 1));
     l[h] = exp_sum(sc.data() + h * len, len, m[h]);
   }
   for (int64_t i = 0; i < nb; ++i) {
@@ -423,9 +507,9 @@ inline void chunk_softmax(const Dims& n, const float* q, const T* k, const T* v,
   const float* qb = q + b * H * D;
   const T* kr = k + (b * n.S + s0) * row;
   const T* vr = v + (b * n.S + s0) * row;
-#ifdef MESHLM_AVX512
-  if (!uniform && D == 64) return blocked_softmax<4>(qb, kr, vr, row, n.K, G, scale, len, m, l, o);
-  if (!uniform && D == 128) return blocked_softmax<8>(qb, kr, vr, row, n.K, G, scale, len, m, l, o);
+#if defined(MESHLM_AVX512) || defined(MESHLM_AVX2)
+  if (!uniform && D == 64) return blocked_softmax<64 / kLanes>(qb, kr, vr, row, n.K, G, scale, len, m, l, o);
+  if (!uniform && D == 128) return blocked_softmax<128 / kLanes>(qb, kr, vr, row, n.K, G, scale, len, m, l, o);
 #endif
   std::vector<float> sc(H * len);
   for (int64_t s = 0; s < len; ++s, kr += row) {
