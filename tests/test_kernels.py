@@ -63,13 +63,14 @@ def test_packed_kernel_matches_float64_and_unpacks(M, R, C):
     _close(jax.jit(kernels.packed_matmul)(x, p, s), (x.astype(np.float64) @ q) * s)
 
 
-@pytest.mark.parametrize("M", [1, quant.KERNEL_MAX_M, quant.KERNEL_MAX_M + 1])
+@pytest.mark.parametrize("M", [1, quant.KERNEL_MAX_M_PACKED_AVX2, quant.KERNEL_MAX_M_PACKED_AVX2 + 1, quant.KERNEL_MAX_M,
+                               quant.KERNEL_MAX_M + 1])
 def test_dot_rows_on_packed_weights_kernel_and_xla_path(M):
     x, q = _case(M, 130, 192, seed=6)
     fn = jax.jit(lambda a, b: quant.dot_rows(a, b, jnp.float32))
     for w, target in ((q, "meshlm_int8_matmul_p"), (q.astype(np.float32) / 127, "meshlm_f32_matmul_p")):
         p = jnp.asarray(quant.pack_panels(w))
-        kernel = M <= quant.KERNEL_MAX_M or w.dtype == np.int8  # packed int8: the kernel at any M
+        kernel = M <= quant.packed_kernel_max_m(w.dtype == np.int8)
         assert (target in fn.lower(x, p).compile().as_text()) == kernel
         _close(fn(x, p), x.astype(np.float64) @ w)
 
@@ -198,3 +199,13 @@ def test_missing_compiler_falls_back_with_one_warning(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("False False |") and "meshlm-no-such-compiler" in out.stdout
     assert "Traceback" not in out.stderr and out.stderr.count("CPU kernels unavailable") == 1
+
+
+def test_packed_crossover_follows_the_kernels_code_path():
+    """AVX-512 kernels take packed int8 at any M and f32 up to KERNEL_MAX_M; the AVX2 and portable
+    paths hand both to XLA's GEMM above KERNEL_MAX_M_PACKED_AVX2 (measured: quant.py)."""
+    if kernels.isa() == "avx512":
+        assert quant.packed_kernel_max_m(True) == float("inf") and quant.packed_kernel_max_m(False) == quant.KERNEL_MAX_M
+    else:
+        assert quant.packed_kernel_max_m(True) == quant.packed_kernel_max_m(False) == quant.KERNEL_MAX_M_PACKED_AVX2
+    assert not quant.use_kernel(quant.KERNEL_MAX_M + 1, packed="f32")

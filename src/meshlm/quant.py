@@ -4,7 +4,8 @@ the paper, §3.6): the matmul runs in f32 (CPU) or the activation dtype.
 
 On CPU, `dot_rows` / `dot_t` call a hand-written kernel (meshlm.kernels: reads each int8 weight
 once, widens it in registers, f32 FMAs, both cores) when it is available and the number of
-activation rows M is at most KERNEL_MAX_M (KERNEL_MAX_M_T for dot_t; packed int8 at any M); otherwise, and on every other
+activation rows M is at most KERNEL_MAX_M (KERNEL_MAX_M_T for dot_t; packed weights: `packed_kernel_max_m`, by the
+kernels' code path); otherwise, and on every other
 platform, the XLA path: dequantize one block of ~256 rows at a time inside lax.scan and dot in f32,
 so the whole weight is never converted at once. Either way the per-channel scale is applied by the caller to the output."""
 
@@ -31,6 +32,11 @@ ROW_BLOCK = 256
 # had taken XLA's path and its f32 copy of every weight.
 KERNEL_MAX_M = 256
 KERNEL_MAX_M_T = 16
+# Those packed crossovers were measured with AVX-512 kernels (Zen 5). Where the kernels run their AVX2
+# (or portable) path the XLA GEMM on the unpacked weight wins earlier, for int8 too (Zen 2 host,
+# 2026-12-06, benchmarks/packed_matmul.py, 12 FFN pairs): int8 102 vs 79 ms at M = 256, 183 vs 136
+# at 512, 372 vs 243 at 1024; f32 95 vs 86 at 256, 189 vs 138 at 512; at 128 within 4% either way.
+KERNEL_MAX_M_PACKED_AVX2 = 128
 XLA_SCAN_MAX_M = 64  # the XLA path dequantizes per row block (in a scan) up to this many rows, else whole
 
 
@@ -76,10 +82,23 @@ def row_block(R: int) -> int | None:
     return _divisor(R, ROW_BLOCK // 2, ROW_BLOCK)
 
 
-def use_kernel(M: int, transposed: bool = False, packed_int8: bool = False) -> bool:
-    """Whether a dot with M activation rows goes to the CPU kernel (on CPU): int8 or packed x @ q,
-    or int8 x @ q.T when transposed; packed int8 at any M."""
-    return (packed_int8 or M <= (KERNEL_MAX_M_T if transposed else KERNEL_MAX_M)) and kernels.enabled()
+def packed_kernel_max_m(int8: bool) -> float:
+    """The most activation rows a packed weight (int8 or f32) goes to the CPU kernel with, by the
+    code path the kernels were built with: AVX-512 int8 at any M, f32 up to KERNEL_MAX_M; AVX2 and
+    the portable loops both up to KERNEL_MAX_M_PACKED_AVX2."""
+    if kernels.isa() == "avx512":
+        return float("inf") if int8 else KERNEL_MAX_M
+    return KERNEL_MAX_M_PACKED_AVX2
+
+
+def use_kernel(M: int, transposed: bool = False, packed: str | None = None) -> bool:
+    """Whether a dot with M activation rows goes to the CPU kernel (on CPU): int8 x @ q, or int8
+    x @ q.T when transposed, or x @ a packed weight (`packed`: "int8" or "f32")."""
+    if not kernels.enabled():
+        return False
+    if packed:
+        return M <= packed_kernel_max_m(packed == "int8")
+    return M <= (KERNEL_MAX_M_T if transposed else KERNEL_MAX_M)
 
 
 def dot_rows(x, w, dtype, scale=None):
@@ -87,8 +106,8 @@ def dot_rows(x, w, dtype, scale=None):
     given; result in `dtype` (f32 accumulate). A w of rank 3 is packed panel-major ([C/64, R, 64],
     `pack_panels`; int8 or f32).
 
-    int8 and packed: the CPU kernel for small M on CPU (packed int8 at any M; packed: the scale
-    applied inside it), else the XLA path (`xla_dot_rows`)."""
+    int8 and packed: the CPU kernel for small M on CPU (packed: up to `packed_kernel_max_m` rows, the
+    scale applied inside it), else the XLA path (`xla_dot_rows`)."""
     if w.ndim == 3:
         f32 = w.dtype != jnp.int8
 
@@ -97,7 +116,7 @@ def dot_rows(x, w, dtype, scale=None):
             y = jnp.dot(x.astype(jnp.float32), w) if f32 else xla_dot_rows(x, w)
             return y * s[0] if s else y
         args = (x, w) if scale is None else (x, w, scale)
-        if x.ndim == 2 and use_kernel(x.shape[0], packed_int8=not f32):
+        if x.ndim == 2 and use_kernel(x.shape[0], packed="f32" if f32 else "int8"):
             return jax.lax.platform_dependent(*args, cpu=kernels.packed_matmul, default=xla).astype(dtype)
         return xla(*args).astype(dtype)
     if scale is not None:
