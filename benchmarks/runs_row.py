@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
+
+from meshlm.hardware import local_spec_path
 
 
 def _load(results: Path, name: str) -> dict:
@@ -88,11 +89,11 @@ def main() -> None:
     ap.add_argument("--host", required=True, help="which host group (docs/performance.md), e.g. zen2, zen4, intel")
     ap.add_argument("--code", required=True, help="the commit the run measured")
     ap.add_argument("--results", default="benchmarks/results")
-    ap.add_argument("--spec", default=os.path.join(os.environ.get("MESHLM_HOME", "~/.cache/meshlm"), "local.json"))
+    ap.add_argument("--spec", default=str(local_spec_path()), help="the run's calibration (default: $MESHLM_HOME/local.json)")
     ap.add_argument("--append", action="store_true", help="append the row to bench_cpu_runs.json")
     a = ap.parse_args()
     results = Path(a.results)
-    spec = json.loads(Path(a.spec).expanduser().read_text())
+    spec = json.loads(Path(a.spec).read_text())
     row = summarize(results, spec, a.start, a.host, a.code)
     print(json.dumps(row))
     if a.append:

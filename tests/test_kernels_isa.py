@@ -13,18 +13,10 @@ from pathlib import Path
 import pytest
 
 from meshlm import kernels
+from meshlm.bench import cpuinfo
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_decode_attention.py", "tests/test_decoder_layer.py"]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def _env(isa: str) -> dict:
@@ -46,7 +38,7 @@ pytestmark = [
 def test_kernel_tests_pass_on_each_lower_code_path(isa):
     if isa == kernels.isa():
         pytest.skip(f"{isa} is this CPU's own path: the kernel tests already ran on it")
-    if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+    if isa == "avx2" and not {"avx2", "fma"} <= set(cpuinfo().get("flags", "").split()):
         pytest.skip("this CPU has no AVX2 + FMA")
     built = subprocess.run([sys.executable, "-c", "from meshlm import kernels; print(kernels.isa())"],
                            env=_env(isa), cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -198,6 +198,19 @@ def on_prompts(host, ids: list[list[int]], weights: str | None, gen_len: int, re
     return {"weights": d.layouts["decode"].weights, "tokens": tokens, **measure(d, c, repeats, prompt_ids=ids)}
 
 
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("model name", "cpu family", "model", "flags",
+    ...); empty where there is none."""
+    info: dict[str, str] = {}
+    if os.path.exists("/proc/cpuinfo"):
+        for ln in open("/proc/cpuinfo"):
+            key, _, value = ln.partition(":")
+            if not key.strip():  # the blank line after the first processor
+                break
+            info.setdefault(key.strip(), value.strip())
+    return info
+
+
 def machine() -> dict:
     """Where and when a measurement ran (date, CPU, cores, devices, 1-minute load average)."""
     import platform
@@ -206,13 +219,7 @@ def machine() -> dict:
 
     from meshlm import kernels
 
-    info = {}  # /proc/cpuinfo's first processor: "model name", "cpu family", "model"
-    if os.path.exists("/proc/cpuinfo"):
-        for ln in open("/proc/cpuinfo"):
-            key, _, value = ln.partition(":")
-            if not key.strip():
-                break
-            info.setdefault(key.strip(), value.strip())
+    info = cpuinfo()
     dev = jax.devices()[0]
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
            "cpu": info.get("model name", ""), "nproc": os.cpu_count(),
