@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from meshlm import quant
+from meshlm import hugepages, quant
 from meshlm.layouts import BYTES_PER_WEIGHT
 
 
@@ -101,7 +101,10 @@ def _per_device(mesh, body, *arrays):
 
 
 def _put(mesh, x):
-    return jax.device_put(x, NamedSharding(mesh, P("d")))
+    # on the pages the engine's weights get (hugepages): the rates it can reach
+    x = jax.device_put(x, NamedSharding(mesh, P("d")))
+    hugepages.advise(x)
+    return x
 
 
 class Rounds:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from meshlm import reference
+from meshlm import hugepages, reference
 from meshlm.config import ModelConfig
 from meshlm.errors import MeshlmError
 from meshlm.sampling import SamplingParams, batch_arrays, sample
@@ -107,6 +107,7 @@ class Engine:
         slots = self.slots
         self.eos_ids = tuple(eos_ids)
         self.cache = backend.init_cache(slots, self.max_len)  # preallocated once, donated every step
+        hugepages.advise(self.cache)  # on CPU: a long context's cache streams on 2 MiB pages too
         self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(3,))
         shardings = jax.tree.map(lambda a: a.sharding, self.cache)  # insert keeps decode's layout
         self._insert_jit = jax.jit(_insert_fn, donate_argnums=(0,), out_shardings=shardings)
