@@ -1,5 +1,6 @@
 """meshlm.hugepages: the 2 MiB pages under CPU buffers advised and collapsed, contents unchanged."""
 
+import platform
 import re
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from meshlm import hugepages
 PAGE = hugepages.PAGE
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 thp_on = sys.platform.startswith("linux") and THP.exists() and "[never]" not in THP.read_text()
+collapse = thp_on and tuple(int(v) for v in re.findall(r"\d+", platform.release())[:2]) >= (6, 1)
 
 
 def test_pages_cover_every_byte_and_no_more():
@@ -45,7 +47,8 @@ def test_advise_collapses_the_pages_and_keeps_the_contents():
     assert info["skipped"] is None and info["pages"] >= 6, info
     assert np.array_equal(np.asarray(x), host)
     assert np.asarray(jnp.sum(x)) == pytest.approx(host.sum(dtype=np.float64), rel=1e-4)
-    if info["collapsed"]:  # MADV_COLLAPSE (Linux 6.1+) did it now: the mapping says so
+    if collapse:  # MADV_COLLAPSE (Linux 6.1+): every page inside the buffer now, the mapping says so
+        assert info["collapsed"] >= info["pages"] - 2, info  # the two edge pages may reach past its mapping
         assert _anon_huge_kb(ptr + PAGE) >= 2048
 
 

@@ -61,11 +61,13 @@ def advise(tree) -> dict:
         out["skipped"] = "not Linux"
         return out
     todo = set()
-    for leaf in jax.tree.leaves(tree):
-        if isinstance(leaf, jax.Array):
-            for shard in leaf.addressable_shards:
-                if shard.device.platform == "cpu":
-                    todo.update(pages(shard.data.unsafe_buffer_pointer(), shard.data.nbytes))
+    arrays = [leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)]
+    jax.block_until_ready(arrays)  # device_put returns before its copy is done: a page being written fails to collapse
+    for leaf in arrays:
+        for shard in leaf.addressable_shards:
+            if shard.device.platform == "cpu":
+                todo.update(pages(shard.data.unsafe_buffer_pointer(), shard.data.nbytes))
+    again = []
     for page in sorted(todo):
         if madvise(page, PAGE, MADV_HUGEPAGE) != 0:
             err = ctypes.get_errno()
@@ -74,7 +76,11 @@ def advise(tree) -> dict:
                 return out
             continue  # e.g. part of the page is not mapped
         out["pages"] += 1
-        out["collapsed"] += madvise(page, PAGE, MADV_COLLAPSE) == 0
+        if madvise(page, PAGE, MADV_COLLAPSE) == 0:
+            out["collapsed"] += 1
+        elif ctypes.get_errno() == errno.EAGAIN:  # transient (a page still on a per-CPU list): once more at the end
+            again.append(page)
+    out["collapsed"] += sum(madvise(page, PAGE, MADV_COLLAPSE) == 0 for page in again)
     if not todo:
         out["skipped"] = "no CPU buffers"
     return out
