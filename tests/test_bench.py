@@ -78,6 +78,7 @@ def test_prediction_is_the_cost_model_for_what_ran(model_dir):
     p = bench.predict(d, c)
     B, L = m["prefill_shape"]
     assert (B, L) == (2, 8)
+    assert m["weight_pages"] == d.engine.backend.sm.hugepages and "pages" in m["weight_pages"]
     cfg, lay = host.cfg, d.layouts
     # the engine's accounting: prefill projects the last position only; a decode step attends over
     # the whole dense cache (max_len = input 5 + gen 4 positions)

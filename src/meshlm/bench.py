@@ -136,7 +136,9 @@ def measure(d, c: Config, repeats: int = 3, prompt_ids: list[list[int]] | None =
     p50 = percentile(steps, 50)
     return {"ttft_s": ttft, **decode_stats(c.batch, steps, p50), "first_run_s": first,
             "compile_s": max(0.0, first_ttft - ttft) + max(0.0, first_steps[0] - p50) * eng.k,
-            "ttft_repeats": len(ttfts), "steps_per_dispatch": eng.k, "prefill_shape": list(eng.stats.prefill_shape)}
+            "ttft_repeats": len(ttfts), "steps_per_dispatch": eng.k, "prefill_shape": list(eng.stats.prefill_shape),
+            # what meshlm.hugepages did to the weights (None: a backend that places none itself)
+            "weight_pages": getattr(getattr(eng.backend, "sm", None), "hugepages", None)}
 
 
 def decode_stats(batch: int, steps: list[float], p50: float) -> dict:
