@@ -55,7 +55,8 @@ def summarize(results: Path, spec: dict, start: str, host: str, code: str) -> di
     def step_bytes(r: dict) -> float:
         return r["decode_mbu"] * r["decode_p50_s"] * r["chip_mem_bw"]
 
-    i16, i128 = b1("int8")[:2]  # caches of 16 + gen and 128 + gen positions
+    i8, f32 = b1("int8"), b1("f32")
+    i16, i128 = i8[:2]  # caches of 16 + gen and 128 + gen positions
     per_pos = (step_bytes(i128) - step_bytes(i16)) / (i128["input_len"] - i16["input_len"])
     weights = step_bytes(i16) - per_pos * (i16["input_len"] + i16["gen_len"])
     cmp_bytes = weights + per_pos * 192
@@ -69,9 +70,9 @@ def summarize(results: Path, spec: dict, start: str, host: str, code: str) -> di
         "l1": l1["ratio_tokens_per_s"], "l8": l8["ratio_tokens_per_s"], "l8f": l8f["ratio_tokens_per_s"],
         "l1_ms": [1e3 * l1["meshlm_decode_p50_s"], 1e3 * l1["llama_decode_p50_s"]],
         "l8_ms": [1e3 * l8["meshlm_decode_p50_s"], 1e3 * l8["llama_decode_p50_s"]],
-        "mbu": [100 * r["decode_mbu"] for r in b1("int8")], "mbu_f32": [100 * r["decode_mbu"] for r in b1("f32")],
+        "mbu": [100 * r["decode_mbu"] for r in i8], "mbu_f32": [100 * r["decode_mbu"] for r in f32],
         "mbu_cmp": 100 * cmp_bytes / (l1["meshlm_decode_p50_s"] * bw),
-        "dec_ms": [1e3 * r["decode_p50_s"] for r in b1("int8")],
+        "dec_ms": [1e3 * r["decode_p50_s"] for r in i8],
         "pre_f32": 100 * _row(pre, weights="f32")["prefill_mfu"], "pre_i8": 100 * _row(pre, weights="int8")["prefill_mfu"],
         "med": statistics.median(errs), "worst": max(errs), "within": sum(e <= 30 for e in errs), "n_errs": len(errs),
         "bw": bw / 1e9, "peak": spec["peak_flops"] / 1e9,

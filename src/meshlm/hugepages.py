@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import sys
 
 import jax
+
+from meshlm.paths import switched_off
 
 PAGE = 2 << 20
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # <asm-generic/mman-common.h>
 
 
 def enabled() -> bool:
-    return os.environ.get("MESHLM_HUGEPAGES", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not switched_off("MESHLM_HUGEPAGES")
 
 
+@functools.cache
 def _madvise():
     if not sys.platform.startswith("linux"):
         return None

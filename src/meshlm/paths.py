@@ -1,10 +1,16 @@
 """Where meshlm keeps files between runs: $MESHLM_HOME (default ~/.cache/meshlm) holds the local
-calibration (local.json), compiled CPU kernels (kernels/) and XLA's compilation cache (xla/)."""
+calibration (local.json), compiled CPU kernels (kernels/) and XLA's compilation cache (xla/); and how
+the MESHLM_* switches read."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def switched_off(var: str) -> bool:
+    """Whether the environment turns a default-on feature off (MESHLM_KERNELS=0, MESHLM_HUGEPAGES=off, ...)."""
+    return os.environ.get(var, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def home() -> Path:

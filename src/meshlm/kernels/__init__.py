@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshlm.kernels.build import BuildError, build
+from meshlm.paths import switched_off
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "portable": ("-mno-avx512f
 
 
 def _load() -> tuple[bool, str]:
-    if os.environ.get("MESHLM_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("MESHLM_KERNELS"):
         return False, "CPU kernels disabled by MESHLM_KERNELS=0; using the XLA paths"
     isa = os.environ.get("MESHLM_KERNEL_ISA", "native").strip().lower()
     if isa not in ISA_FLAGS:
