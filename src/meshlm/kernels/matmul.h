@@ -477,22 +477,36 @@ void packed_cols(const float* x, int64_t xs, const W* w, float* y, int64_t ys, i
   for (int64_t r = b0; r < b1; ++r, p += PW) {
     if (ahead >= 0)
       for (int l = first_line; l < end; l += 64) prefetch_lines(reinterpret_cast<const char*>(p) + ahead + l, 1, into_l2);
-    __m256 xb[NM];
-    UNROLL for (int m = 0; m < NM; ++m) xb[m] = _mm256_broadcast_ss(x + m * xs + r);
-    UNROLL for (int j = 0; j < NV; ++j) {
-      __m256 wv = load8(p + c0 + 8 * j);
-      // one load per weight vector: GCC otherwise folds it into each of the NM FMAs (12 loads per 8
-      // FMAs at NM = 4, more than the two load ports keep up with)
-      asm("" : "+x"(wv));
-      UNROLL for (int m = 0; m < NM; ++m) a[m][j] = _mm256_fmadd_ps(xb[m], wv, a[m][j]);
+    if constexpr (NM + NM * NV + 1 <= 16) {  // the NM broadcasts held, one weight vector at a time
+      __m256 xb[NM];
+      UNROLL for (int m = 0; m < NM; ++m) xb[m] = _mm256_broadcast_ss(x + m * xs + r);
+      UNROLL for (int j = 0; j < NV; ++j) {
+        __m256 wv = load8(p + c0 + 8 * j);
+        // one load per weight vector: GCC otherwise folds it into each of the NM FMAs (12 loads per 8
+        // FMAs at NM = 4, more than the two load ports keep up with)
+        asm("" : "+x"(wv));
+        UNROLL for (int m = 0; m < NM; ++m) a[m][j] = _mm256_fmadd_ps(xb[m], wv, a[m][j]);
+      }
+    } else {  // more rows: the NV weight vectors held, one broadcast at a time
+      __m256 wv[NV];
+      UNROLL for (int j = 0; j < NV; ++j) {
+        wv[j] = load8(p + c0 + 8 * j);
+        asm("" : "+x"(wv[j]));
+      }
+      UNROLL for (int m = 0; m < NM; ++m) {
+        const __m256 xb = _mm256_broadcast_ss(x + m * xs + r);
+        UNROLL for (int j = 0; j < NV; ++j) a[m][j] = _mm256_fmadd_ps(xb, wv[j], a[m][j]);
+      }
     }
   }
   UNROLL for (int m = 0; m < NM; ++m)
     UNROLL for (int j = 0; j < NV; ++j) _mm256_storeu_ps(y + m * ys + c0 + 8 * j, a[m][j]);
 }
 
-// Every pass of NM <= 4 rows of x over rows [b0, b1) of a panel: 8 / NM column vectors per pass
-// (one row of x: the whole 64-column panel row, 8 FMA chains, in one pass).
+constexpr int kGroupRows = 6;  // rows of x per register tile (panel_rows)
+
+// Every pass of NM <= kGroupRows rows of x over rows [b0, b1) of a panel: NV column vectors per pass,
+// NM * NV <= 12 accumulators (one row of x: the whole 64-column panel row, 8 FMA chains, in one pass).
 template <int NM, typename W>
 void block_passes(const float* x, int64_t xs, const W* w, float* y, int64_t ys, int64_t b0, int64_t b1, bool first,
                   int64_t ahead, bool into_l2) {
@@ -503,7 +517,7 @@ void block_passes(const float* x, int64_t xs, const W* w, float* y, int64_t ys, 
 // As the AVX-512 panel_rows: all M rows of x (xs apart) against rows [r0, r1) of one packed panel,
 // y[:, 0:PW] = x[:, r0:r1] @ panel[r0:r1] (* s), y rows ys apart and the partial sums kept in y.
 // The panel goes in blocks of kPassRows rows. A few rows of x (memory-bound) take each block
-// through every group of 4 rows and every pass before the next block, so it comes from memory once
+// through every group of kGroupRows rows and every pass before the next block, so it comes from memory once
 // and from L1 after; more rows take each group through the whole range, which stays in L2, while
 // their rows of y stay in L1. Only the first group prefetches, a block ahead when it makes several
 // passes (its passes run from cache and the memory would sit idle behind them), otherwise at the
@@ -513,28 +527,36 @@ void block_passes(const float* x, int64_t xs, const W* w, float* y, int64_t ys, 
 // f32 at M = 1 7.0-7.3 against 8.1-8.3, at M >= 4 no faster (M = 8: 14.2-15.1 either way, twice
 // M = 1's time where the memory alone would take the same: its memory and FMAs do not overlap
 // well, and neither block size 16-64 nor a prefetch 1-2 blocks ahead into L1 or L2 changed that).
+// Groups of 6 rows (12 accumulators, 6 FMAs per weight vector widened) against 4 (8; the FMAs'
+// latency then bounds them to 8 per 5 cycles), 2026-12-07, same benchmark, the two alternated in one
+// build: f32 at M = 16 and 64 20.4-22.0 and 55-59 ms against 23.1-23.4 and 64-67; int8 14.8-14.9 and
+// 52.6-52.7 against 16.6-16.7 and 61-66; the engine's batch-16 decode step (128-token prompts)
+// f32 63.2-63.7 ms against 68.8-71.4, int8 44.0-46.8 against 52.1-53.2.
 template <typename W>
 void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, float* y, int64_t ys, int64_t M,
                 int64_t r0, int64_t r1) {
   const StreamAhead& st = stream_ahead();
   const int64_t ahead = M == 1 ? st.bytes<W>() : std::max<int64_t>(st.bytes<W>(), kPassRows * PW * sizeof(W));
   const int64_t block = M == 1 ? std::max<int64_t>(r1 - r0, 1) : kPassRows;  // one row of x: one pass
+  constexpr int G = kGroupRows;
   auto group = [&](int64_t m, int64_t b0) {
     const int64_t b1 = std::min(r1, b0 + block), pf = m == 0 ? ahead : -1;
     const float* xm = x + m * xs;
     float* ym = y + m * ys;
-    switch (std::min<int64_t>(4, M - m)) {
+    switch (std::min<int64_t>(G, M - m)) {
       case 1: return block_passes<1>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
       case 2: return block_passes<2>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
       case 3: return block_passes<3>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
-      default: return block_passes<4>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
+      case 4: return block_passes<4>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
+      case 5: return block_passes<5>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
+      default: return block_passes<6>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
     }
   };
   if (M <= kStreamMaxM)
     for (int64_t b0 = r0; b0 < r1; b0 += block)
-      for (int64_t m = 0; m < M; m += 4) group(m, b0);
+      for (int64_t m = 0; m < M; m += G) group(m, b0);
   else
-    for (int64_t m = 0; m < M; m += 4)
+    for (int64_t m = 0; m < M; m += G)
       for (int64_t b0 = r0; b0 < r1; b0 += block) group(m, b0);
   for (int64_t m = 0; m < M; ++m)
     for (int c = 0; c < PW; c += 8) {
@@ -683,19 +705,15 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
 //   against 3.90-4.86 split by bytes (4 pairs of processes, alternated: 6% less). Claimed a panel or two
 //   at a time, the two threads' reads interleaved and every panel started a new stream: a layer
 //   took 156 vs 124 us, a step 4.7-5.1 vs 4.2-4.5 ms (best of 15 x 20 steps).
-// - more rows are compute-bound: whole panels, in smaller chunks that balance a helper that joins
-//   late.
+// - more rows are compute-bound: the same equal row ranges, kChunksPerThread per thread, claimed in
+//   turn (a helper that joins late takes fewer). Split by whole panels, the 9-panel matrices again
+//   left one thread a panel more: on the Zen 2 VM (2026-12-07, benchmarks/packed_matmul.py, two
+//   alternating rounds) f32 at M = 16, 64, 128 19.6-20.4, 51.4-55.2, 97-107 ms against 21.8-22.1,
+//   58.4-58.7, 109-110; int8 13.1-14.4, 50.6-50.8, 105-107 against 14.9-15.9, 53-55, 110-113.
 template <typename W>
 void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R,
                   int64_t C) {
   const int64_t panels = C / PW, bytes = R * C * int64_t(sizeof(W));
-  if (M > kStreamMaxM) {
-    run_split(pool, panels, 1, bytes, [=](int64_t lo, int64_t hi) {
-      for (int64_t p = lo; p < hi; ++p)
-        panel_rows(x, R, q + p * R * PW, s ? s + p * PW : nullptr, y + p * PW, C, M, 0, R);
-    });
-    return;
-  }
 #ifdef MESHLM_VNNI
   RowTerms terms;  // one row of int8 weights: integer dot products (packed1_vnni)
   bool vnni = false;
@@ -710,7 +728,7 @@ void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float
     panel_rows(x, R, q + p * R * PW, sp, yp, ys, M, r0, r1);
   };
   const int64_t rows = panels * R;
-  const int64_t chunks = split_chunks(pool, rows, kSplitRows, bytes, 1);
+  const int64_t chunks = split_chunks(pool, rows, kSplitRows, bytes, M > kStreamMaxM ? kChunksPerThread : 1);
   std::vector<float> cut(chunks * 2 * M * PW);  // per share: the partial sums of its first and last panels
   run_split_indexed(pool, rows, kSplitRows, chunks, [&](int64_t i, int64_t lo, int64_t hi) {
     float *head = cut.data() + (2 * i) * M * PW, *tail = head + M * PW;
