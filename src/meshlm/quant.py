@@ -36,6 +36,8 @@ KERNEL_MAX_M_T = 16
 # (or portable) path the XLA GEMM on the unpacked weight wins earlier, for int8 too (Zen 2 host,
 # 2026-12-06, benchmarks/packed_matmul.py, 12 FFN pairs): int8 102 vs 79 ms at M = 256, 183 vs 136
 # at 512, 372 vs 243 at 1024; f32 95 vs 86 at 256, 189 vs 138 at 512; at 128 within 4% either way.
+# With the 6-row tiles and row-range split (2026-12-07): at 128 the kernel 44-45 vs 54-55 ms both
+# ways, at 256 int8 92 vs 83 and f32 78 vs 84, at 512 both slower (167 vs 141, 155 vs 140): still 128.
 KERNEL_MAX_M_PACKED_AVX2 = 128
 XLA_SCAN_MAX_M = 64  # the XLA path dequantizes per row block (in a scan) up to this many rows, else whole
 
