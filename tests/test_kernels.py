@@ -46,10 +46,11 @@ def test_kernels_match_float64(M, R, C):
 # tiles of up to 6 rows and their tails), R odd (the even/odd accumulators' last row); the last six are
 # split over threads by equal row ranges of the weight: up to 8 rows one per thread, cutting a panel
 # (1 x 576 x 960, 8 x 1537 x 576), both shares inside one panel (2 x 3001 x 64), a share ending and
-# the next starting inside the middle panel (1 x 1000 x 192); more rows four per thread (16 x 1537 x 576).
+# the next starting inside the middle panel (1 x 1000 x 192); more rows four per thread (16 x 1537 x 576);
+# past kRangeSplitMaxM (128) rows whole panels (160 x 600 x 192).
 PACKED_SHAPES = [(1, 1, 64), (1, 17, 128), (2, 31, 64), (3, 100, 192), (5, 65, 320), (6, 70, 128), (7, 40, 64),
                  (13, 300, 192), (33, 257, 128), (1, 576, 960), (8, 1537, 576), (2, 3001, 64), (1, 1000, 192),
-                 (16, 1537, 576)]
+                 (16, 1537, 576), (160, 600, 192)]
 
 
 @pytest.mark.parametrize("M,R,C", PACKED_SHAPES)

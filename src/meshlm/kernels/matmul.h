@@ -47,6 +47,7 @@ constexpr int kPrefetchBytes = 256;
 
 constexpr int64_t kStreamMaxM = 8;  // rows of x up to which a packed matmul is memory-bound (packed_split)
 constexpr int64_t kSplitRows = 16;  // a thread's share of a packed weight is a multiple of this many panel rows
+constexpr int64_t kRangeSplitMaxM = 128;  // rows of x up to which packed_split cuts panels (measured up to there)
 
 #if defined(MESHLM_AVX512) || defined(MESHLM_AVX2)
 
@@ -705,8 +706,9 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
 //   against 3.90-4.86 split by bytes (4 pairs of processes, alternated: 6% less). Claimed a panel or two
 //   at a time, the two threads' reads interleaved and every panel started a new stream: a layer
 //   took 156 vs 124 us, a step 4.7-5.1 vs 4.2-4.5 ms (best of 15 x 20 steps).
-// - more rows are compute-bound: the same equal row ranges, kChunksPerThread per thread, claimed in
-//   turn (a helper that joins late takes fewer). Split by whole panels, the 9-panel matrices again
+// - more rows are compute-bound: up to kRangeSplitMaxM the same equal row ranges, kChunksPerThread
+//   per thread, claimed in turn (a helper that joins late takes fewer); above it (only AVX-512 int8
+//   goes there) whole panels, as before, unmeasured with ranges. Split by whole panels, the 9-panel matrices again
 //   left one thread a panel more: on the Zen 2 VM (2026-12-07, benchmarks/packed_matmul.py, two
 //   alternating rounds) f32 at M = 16, 64, 128 19.6-20.4, 51.4-55.2, 97-107 ms against 21.8-22.1,
 //   58.4-58.7, 109-110; int8 13.1-14.4, 50.6-50.8, 105-107 against 14.9-15.9, 53-55, 110-113.
@@ -714,6 +716,13 @@ template <typename W>
 void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R,
                   int64_t C) {
   const int64_t panels = C / PW, bytes = R * C * int64_t(sizeof(W));
+  if (M > kRangeSplitMaxM) {  // (AVX-512 int8 only) whole panels, claimed in turn, as measured there
+    run_split(pool, panels, 1, bytes, [=](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p)
+        panel_rows(x, R, q + p * R * PW, s ? s + p * PW : nullptr, y + p * PW, C, M, 0, R);
+    });
+    return;
+  }
 #ifdef MESHLM_VNNI
   RowTerms terms;  // one row of int8 weights: integer dot products (packed1_vnni)
   bool vnni = false;
