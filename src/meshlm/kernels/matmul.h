@@ -539,12 +539,11 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
   const StreamAhead& st = stream_ahead();
   const int64_t ahead = M == 1 ? st.bytes<W>() : std::max<int64_t>(st.bytes<W>(), kPassRows * PW * sizeof(W));
   const int64_t block = M == 1 ? std::max<int64_t>(r1 - r0, 1) : kPassRows;  // one row of x: one pass
-  constexpr int G = kGroupRows;
   auto group = [&](int64_t m, int64_t b0) {
     const int64_t b1 = std::min(r1, b0 + block), pf = m == 0 ? ahead : -1;
     const float* xm = x + m * xs;
     float* ym = y + m * ys;
-    switch (std::min<int64_t>(G, M - m)) {
+    switch (std::min<int64_t>(kGroupRows, M - m)) {
       case 1: return block_passes<1>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
       case 2: return block_passes<2>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
       case 3: return block_passes<3>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
@@ -555,9 +554,9 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
   };
   if (M <= kStreamMaxM)
     for (int64_t b0 = r0; b0 < r1; b0 += block)
-      for (int64_t m = 0; m < M; m += G) group(m, b0);
+      for (int64_t m = 0; m < M; m += kGroupRows) group(m, b0);
   else
-    for (int64_t m = 0; m < M; m += G)
+    for (int64_t m = 0; m < M; m += kGroupRows)
       for (int64_t b0 = r0; b0 < r1; b0 += block) group(m, b0);
   for (int64_t m = 0; m < M; ++m)
     for (int c = 0; c < PW; c += 8) {
@@ -707,11 +706,12 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
 //   at a time, the two threads' reads interleaved and every panel started a new stream: a layer
 //   took 156 vs 124 us, a step 4.7-5.1 vs 4.2-4.5 ms (best of 15 x 20 steps).
 // - more rows are compute-bound: up to kRangeSplitMaxM the same equal row ranges, kChunksPerThread
-//   per thread, claimed in turn (a helper that joins late takes fewer); above it (only AVX-512 int8
-//   goes there) whole panels, as before, unmeasured with ranges. Split by whole panels, the 9-panel matrices again
-//   left one thread a panel more: on the Zen 2 VM (2026-12-07, benchmarks/packed_matmul.py, two
-//   alternating rounds) f32 at M = 16, 64, 128 19.6-20.4, 51.4-55.2, 97-107 ms against 21.8-22.1,
-//   58.4-58.7, 109-110; int8 13.1-14.4, 50.6-50.8, 105-107 against 14.9-15.9, 53-55, 110-113.
+//   per thread, claimed in turn (a helper that joins late takes fewer). Whole panels had left one
+//   thread a panel more of the 9-panel matrices: on the Zen 2 VM (2026-12-07,
+//   benchmarks/packed_matmul.py, two alternating rounds) ranges took f32 at M = 16, 64, 128
+//   19.6-20.4, 51.4-55.2, 97-107 ms against 21.8-22.1, 58.4-58.7, 109-110; int8 13.1-14.4,
+//   50.6-50.8, 105-107 against 14.9-15.9, 53-55, 110-113. Above kRangeSplitMaxM (only AVX-512 int8
+//   goes there) whole panels, as measured there; ranges are unmeasured at that size.
 template <typename W>
 void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R,
                   int64_t C) {
