@@ -7,7 +7,8 @@ KV cache, next to the calibration's bandwidth pass timed in the same rounds.
 
 Per (cache format, batch, context): a chain of `layers` calls, each over its own K and V cache [B, 2048, 3, 64]
 (SmolLM2-135M's heads: 3 KV heads, 3 query heads each, head dim 64) at position context - 1, each
-query the last call's output, as a decode step reads its layers. The bandwidth pass is
+query the last call's output, as a decode step reads its layers; the caches sit on 2 MiB pages, as the
+engine's do (MESHLM_HUGEPAGES=0: left on XLA's). The bandwidth pass is
 `calibrate.bandwidth_rounds` (the packed f32 matrix-vector product over 128 MiB that `meshlm
 calibrate` measures the chip's bandwidth with); every case and it are interleaved round by round so
 they see the same host load. "share" is the kernel's bytes/s over the pass's: the fraction of
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meshlm import calibrate, kernels
+from meshlm import calibrate, hugepages, kernels
 from meshlm.bench import write_json
 from meshlm.cli import int_list
 from meshlm.sharded import KV_DTYPES
@@ -40,6 +41,7 @@ def _case(rng, fmt: str, B: int, context: int, layers: int):
     ks = [jnp.asarray(rng.standard_normal((B, S, K, D), np.float32)).astype(dt) for _ in range(layers)]
     vs = [jnp.asarray(rng.standard_normal((B, S, K, D), np.float32)).astype(dt) for _ in range(layers)]
     pos = jnp.full((B,), context - 1, jnp.int32)
+    hugepages.advise((ks, vs))  # as the engine places its cache (engine.py): on 2 MiB pages
 
     @jax.jit
     def chain(q, ks, vs, pos):
