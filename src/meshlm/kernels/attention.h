@@ -552,51 +552,103 @@ inline void merge(const Dims& n, const float* m, const float* l, const float* po
   }
 }
 
+constexpr int64_t kWarmCacheBytes = 64 << 10;  // DecodeAttention::warm: of K and of V, per share
+
+template <typename T>
+inline void prefetch_lines(const T* p, int64_t n) {  // n elements at p into L2
+  for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(T))) __builtin_prefetch(p + i, 0, 2);
+}
+
 // out [B, K, G, D] = the attention above for q [B, K, G, D] against k, v [B, S, K, D] at positions
-// pos [B], split over the pool's threads (B * P units: rows times chunks of S). T: float or bf16.
+// pos [B], as a plan split over the pool's threads (B * P units: rows times chunks of S): shares()
+// shares, share(i) in any order on any thread, each row merged by the share that finishes its last
+// chunk. q is read only by the shares (decoder_layer.cc builds the plan before q is computed).
+// T: float or bf16.
+template <typename T>
+class DecodeAttention {
+ public:
+  DecodeAttention(ffi::ThreadPool& pool, int64_t B, int64_t S, int64_t K, int64_t G, int64_t D, const float* q,
+                  const T* k, const T* v, const int32_t* pos, float scale, float* out)
+      : n_{B, S, K, G, D, 1, S}, q_(q), k_(k), v_(v), pos_(pos), scale_(scale), out_(out) {
+    const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+    int64_t bytes = 0, longest = 1;
+    for (int64_t b = 0; b < B; ++b) {
+      bytes += attended(pos[b], S) * K * D * 2 * int64_t(sizeof(T));
+      longest = std::max(longest, attended(pos[b], S));
+    }
+    // enough chunks over the longest attended row (not the cache: a 200-token row in a 2048-position
+    // cache would be one chunk of 256) that B * P units keep every thread busy. A single row splits
+    // into one chunk per thread, each one stream, as the memory-bound matmuls split (matmul.h:
+    // packed_split): every chunk starts its stream cold (its first blocks fetched at once, then
+    // waited on). On the Zen 2 VM (2026-12-07, 3 alternated pairs) an int8 batch-1 decode step at
+    // 1024 tokens with an f32 cache took 7.81-7.90 ms in 2 chunks against 7.99-8.09 in 8 (bf16 cache:
+    // 6.99-7.06 against 7.04-7.13); the attention alone at 1088 positions 87-89 against 99 us/layer.
+    // A single row takes one chunk per thread (of 16 positions at least) however short: below
+    // kMinChunk one thread did the whole row while the other waited for it (decoder_layer.cc: the
+    // step's next phase needs the whole attention), ~10 us a layer at 48 positions (2026-12-07, Zen 2).
+    n_.P = std::max<int64_t>(1, std::min((longest + kMinChunk - 1) / kMinChunk, (4 * threads + B - 1) / B));
+    if (B == 1) n_.P = std::min(threads, std::max<int64_t>(1, longest / 16));
+    n_.chunk = (longest + n_.P - 1) / n_.P;
+    const int64_t H = K * G;
+    m_.resize(B * n_.P * H), l_.resize(m_.size()), o_.resize(m_.size() * D);
+    left_ = std::vector<std::atomic<int64_t>>(B);
+    for (auto& c : left_) c.store(n_.P);
+    units_ = B * n_.P;
+    shares_ = B == 1 ? units_ : split_chunks(pool, units_, 1, bytes);  // B == 1: one chunk a share
+  }
+
+  int64_t shares() const { return shares_; }
+
+  // Into L2, the first lines of share i's cached K and V rows (up to kWarmCacheBytes of each), by a
+  // thread waiting to run it (ffi_common.h: Team), so they are not fetched a block at a time at
+  // memory latency when it starts.
+  void warm(int64_t i) const {
+    const auto [lo, hi] = chunk_range(units_, 1, shares_, i);
+    const int64_t row = n_.K * n_.D;
+    int64_t left = kWarmCacheBytes / int64_t(sizeof(T));
+    for (int64_t u = lo; u < hi && left > 0; ++u) {
+      const int64_t b = u / n_.P, p = u % n_.P;
+      const int64_t len = attended(pos_[b], n_.S);
+      const int64_t s0 = std::min(len, p * n_.chunk), s1 = std::min(len, s0 + n_.chunk);
+      const int64_t n = std::min(left, (s1 - s0) * row);
+      prefetch_lines(k_ + (b * n_.S + s0) * row, n);
+      prefetch_lines(v_ + (b * n_.S + s0) * row, n);
+      left -= n;
+    }
+  }
+
+  void share(int64_t i) {
+    const auto [lo, hi] = chunk_range(units_, 1, shares_, i);
+    const int64_t H = n_.K * n_.G;
+    for (int64_t u = lo; u < hi; ++u) {
+      const int64_t b = u / n_.P, p = u % n_.P;
+      const int64_t len = attended(pos_[b], n_.S);
+      const int64_t s0 = std::min(len, p * n_.chunk), s1 = std::min(len, s0 + n_.chunk);
+      const int64_t at = u * H;
+      chunk_softmax(n_, q_, k_, v_, scale_, pos_[b] < 0, b, s0, s1, &m_[at], &l_[at], &o_[at * n_.D]);
+      if (left_[b].fetch_sub(1) == 1)  // the row's last chunk: all its partials are written
+        merge(n_, &m_[b * n_.P * H], &l_[b * n_.P * H], &o_[b * n_.P * H * n_.D], out_ + b * H * n_.D);
+    }
+  }
+
+ private:
+  Dims n_;
+  const float* q_;
+  const T *k_, *v_;
+  const int32_t* pos_;
+  const float scale_;
+  float* out_;
+  std::vector<float> m_, l_, o_;  // per (b, chunk, head): the chunk's max, sum and unnormalized output
+  std::vector<std::atomic<int64_t>> left_;  // chunks of each row not yet done
+  int64_t units_ = 1, shares_ = 1;
+};
+
+// The plan above run as one call.
 template <typename T>
 inline void decode_attend(ffi::ThreadPool& pool, int64_t B, int64_t S, int64_t K, int64_t G, int64_t D,
-                          const float* q, const T* k, const T* v, const int32_t* pos, float scale,
-                          float* out) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  Dims n{B, S, K, G, D, 1, S};
-  int64_t bytes = 0, longest = 1;
-  for (int64_t b = 0; b < B; ++b) {
-    bytes += attended(pos[b], S) * K * D * 2 * int64_t(sizeof(T));
-    longest = std::max(longest, attended(pos[b], S));
-  }
-  // enough chunks over the longest attended row (not the cache: a 200-token row in a 2048-position
-  // cache would be one chunk of 256) that B * P units keep every thread busy. A single row splits
-  // into one chunk per thread, each one stream, as the memory-bound matmuls split (matmul.h:
-  // packed_split): every chunk starts its stream cold (its first blocks fetched at once, then
-  // waited on). On the Zen 2 VM (2026-12-07, 3 alternated pairs) an int8 batch-1 decode step at
-  // 1024 tokens with an f32 cache took 7.81-7.90 ms in 2 chunks against 7.99-8.09 in 8 (bf16 cache:
-  // 6.99-7.06 against 7.04-7.13); the attention alone at 1088 positions 87-89 against 99 us/layer.
-  n.P = std::max<int64_t>(1, std::min((longest + kMinChunk - 1) / kMinChunk, (4 * threads + B - 1) / B));
-  if (B == 1) n.P = std::min(n.P, threads);
-  n.chunk = (longest + n.P - 1) / n.P;
-  const int64_t H = K * G;
-  struct State {
-    std::vector<float> m, l, o;  // per (b, chunk, head): the chunk's max, sum and unnormalized output
-    std::vector<std::atomic<int64_t>> left;  // chunks of each row not yet done
-    State(const Dims& n, int64_t H) : m(n.B * n.P * H), l(m.size()), o(m.size() * n.D), left(n.B) {
-      for (auto& c : left) c.store(n.P);
-    }
-  };
-  auto st = std::make_shared<State>(n, H);
-  auto body = [=](int64_t lo, int64_t hi) {
-    for (int64_t u = lo; u < hi; ++u) {
-      const int64_t b = u / n.P, p = u % n.P;
-      const bool uniform = pos[b] < 0;
-      const int64_t len = attended(pos[b], n.S);
-      const int64_t s0 = std::min(len, p * n.chunk), s1 = std::min(len, s0 + n.chunk);
-      const int64_t at = u * H;
-      chunk_softmax(n, q, k, v, scale, uniform, b, s0, s1, &st->m[at], &st->l[at], &st->o[at * n.D]);
-      if (st->left[b].fetch_sub(1) == 1)  // the row's last chunk: all its partials are written
-        merge(n, &st->m[b * n.P * H], &st->l[b * n.P * H], &st->o[b * n.P * H * n.D], out + b * H * n.D);
-    }
-  };
-  run_split(pool, B * n.P, 1, bytes, body);
+                          const float* q, const T* k, const T* v, const int32_t* pos, float scale, float* out) {
+  DecodeAttention<T> att(pool, B, S, K, G, D, q, k, v, pos, scale, out);
+  run_split_indexed(pool, 1, 1, att.shares(), [&](int64_t i, int64_t, int64_t) { att.share(i); });
 }
 
 }  // namespace attention

@@ -19,15 +19,18 @@
 //   -> x' f32 [B, E], k', v'
 //
 // Why one call: a batch-1 step through XLA ran ~330 small fusions and ~150 kernel calls, ~2.5 ms of
-// an 8.8 ms step beside ~6.2 ms of weight streaming. Here the elementwise work (norms, RoPE, cache
-// writes, SiLU, residuals) runs between the matmuls on the calling thread while the pool helper
-// lingers (ffi_common.h), and the matmuls and attention split over both.
+// an 8.8 ms step beside ~6.2 ms of weight streaming. Here the layer is one task of phases
+// (ffi_common.h: Team): the matmuls and the attention split over the threads, and the elementwise
+// work (norms, RoPE, cache writes, SiLU, residuals) runs between them on whichever thread finished
+// the phase before, while the others spin until the next phase opens.
 // The arithmetic follows meshlm.model / sharded_body.py step by step (f32 throughout, the cache in
 // its own dtype), so the result matches the XLA path to f32 rounding.
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
@@ -38,9 +41,8 @@ namespace {
 
 namespace ffi = xla::ffi;
 using meshlm::failed;
-using meshlm::run_split;
 using meshlm::shape_str;
-using meshlm::matmul::packed_split;
+using meshlm::matmul::PackedMatmul;
 using meshlm::matmul::PW;
 using meshlm::attention::bf16;
 
@@ -97,32 +99,80 @@ void silu_mul(const float* g, const float* u, float* h, int64_t n) {
   for (; i < n; ++i) h[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
-// y [M, C] = x [M, R] @ w (packed [C/PW, R, PW], int8 or f32) * s (int8: the column scales; f32:
-// none), columns split over the pool.
-void matmul(ffi::ThreadPool& pool, const float* x, const ffi::AnyBuffer& w, F32& s, float* y, int64_t M, int64_t R,
-            int64_t C) {
-  if (w.element_type() == ffi::DataType::S8)
-    packed_split(pool, x, static_cast<const int8_t*>(w.untyped_data()), s.typed_data(), y, M, R, C);
-  else
-    packed_split(pool, x, static_cast<const float*>(w.untyped_data()), nullptr, y, M, R, C);
-}
-
-// fn(b) for rows b < B, split over the pool when the rows' `bytes` are worth it (run_split runs
-// small work inline): at batch 64 the per-row work between the matmuls was ~5 ms of a step on
-// the calling thread alone.
-template <typename Fn>
-void each_row(ffi::ThreadPool& pool, int64_t B, int64_t bytes, Fn fn) {
-  run_split(pool, B, 1, bytes, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) fn(b);
-  });
-}
-
 bool dims_are(ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
   if (d.size() != want.size()) return false;
   size_t i = 0;
   for (int64_t w : want)
     if (d[i++] != w) return false;
   return true;
+}
+
+// One call's shapes, inputs and scratch (DecoderLayer) for layer().
+struct Step {
+  int64_t B, E, S, K, H, D, Cq, F, R2;
+  float eps;
+  bool rope_half;
+  const float* x;
+  const int32_t* pos;
+  const float *cos, *sin, *g1, *g2, *s_qkv, *s_o, *s_gu, *s_d;  // s_*: null (f32 weights) unless int8
+  float *y, *xn, *qkv, *q, *o, *gu, *h, *t;
+};
+
+// The layer as one Team (ffi_common.h): each matmul and the attention a phase of shares, the
+// per-row work between them serial work of the phase before, or phases of row ranges when the rows
+// are worth splitting (at batch 64 that work was ~5 ms of a step on one thread alone). Wt: int8_t
+// or float weights; T: float or bf16 cache (kc, vc: the cache as stored).
+template <typename Wt, typename T>
+void layer(ffi::ThreadPool& pool, const Step& a, const Wt* w_qkv, const Wt* w_o, const Wt* w_gu, const Wt* w_d, T* kc,
+           T* vc) {
+  const int64_t B = a.B, E = a.E, S = a.S, K = a.K, H = a.H, D = a.D, Cq = a.Cq, F = a.F, R2 = a.R2;
+  const int64_t HD = H * D, KD = K * D;
+  auto scales = [](const float* s) { return std::is_same_v<Wt, int8_t> ? s : nullptr; };
+  PackedMatmul<Wt> mm_qkv(pool, a.xn, w_qkv, scales(a.s_qkv), a.qkv, B, E, Cq);
+  PackedMatmul<Wt> mm_o(pool, a.o, w_o, scales(a.s_o), a.t, B, HD, E);
+  PackedMatmul<Wt> mm_gu(pool, a.xn, w_gu, scales(a.s_gu), a.gu, B, E, 2 * F);
+  PackedMatmul<Wt> mm_d(pool, a.h, w_d, scales(a.s_d), a.t, B, F, E);
+  meshlm::attention::DecodeAttention<T> att(pool, B, S, K, H / K, D, a.q, kc, vc, a.pos, 1.f / std::sqrt(float(D)),
+                                            a.o);
+  // the matmuls' scratch, reused across calls (at batch 64 the four hold 1 MB: fresh pages every call)
+  thread_local std::vector<float> cut;
+  cut.resize(mm_qkv.scratch() + mm_o.scratch() + mm_gu.scratch() + mm_d.scratch());
+  float* c = cut.data();
+  for (PackedMatmul<Wt>* mm : {&mm_qkv, &mm_o, &mm_gu, &mm_d}) mm->use(c), c += mm->scratch();
+  auto team = std::make_shared<meshlm::Team>();
+  auto matmul = [&](PackedMatmul<Wt>& mm) {
+    team->then([&mm] { mm.prepare(); });
+    team->phase(mm.shares(), [&mm](int64_t i) { mm.share(i); }, [&mm](int64_t i) { mm.warm(i); });
+    team->then([&mm] { mm.finish(); });
+  };
+  // attention half: y = x + (attend(rope(norm(x) @ w_qkv)) @ w_o)
+  team->rows(pool, B, B * E * 8, [&a, E](int64_t b) { rms_norm(a.x + b * E, a.g1, a.eps, E, a.xn + b * E); });
+  matmul(mm_qkv);
+  team->rows(pool, B, B * Cq * 8, [&a, kc, vc, Cq, HD, KD, H, K, D, R2, S](int64_t b) {
+    float* row = a.qkv + b * Cq;  // each row writes only its own cache row
+    const float *cb = a.cos + b * R2, *sb = a.sin + b * R2;
+    rope(row, H, D, cb, sb, R2, a.rope_half);
+    rope(row + HD, K, D, cb, sb, R2, a.rope_half);
+    std::copy(row, row + HD, a.q + b * HD);
+    if (a.pos[b] >= 0 && a.pos[b] < S) {
+      meshlm::attention::store_row(row + HD, kc + (b * S + a.pos[b]) * KD, KD);
+      meshlm::attention::store_row(row + HD + KD, vc + (b * S + a.pos[b]) * KD, KD);
+    }
+  });
+  team->phase(att.shares(), [&att](int64_t i) { att.share(i); }, [&att](int64_t i) { att.warm(i); });
+  matmul(mm_o);
+  // FFN half: y += (silu(norm(y) @ w_gate) * (norm(y) @ w_up)) @ w_d
+  team->rows(pool, B, B * E * 12, [&a, E](int64_t b) {
+    for (int64_t e = b * E; e < (b + 1) * E; ++e) a.y[e] = a.x[e] + a.t[e];
+    rms_norm(a.y + b * E, a.g2, a.eps, E, a.xn + b * E);
+  });
+  matmul(mm_gu);
+  team->rows(pool, B, B * F * 12, [&a, F](int64_t b) { silu_mul(a.gu + b * 2 * F, a.gu + b * 2 * F + F, a.h + b * F, F); });
+  matmul(mm_d);
+  team->rows(pool, B, B * E * 8, [&a, E](int64_t b) {
+    for (int64_t e = b * E; e < (b + 1) * E; ++e) a.y[e] += a.t[e];
+  });
+  team->run(pool);
 }
 
 ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> positions, F32 cos, F32 sin, F32 norm1,
@@ -166,7 +216,7 @@ ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> posi
   const float* xp = x.typed_data();
   const int32_t* pos = positions.typed_data();
   float* y = x_out->typed_data();
-  const int64_t HD = H * D, KD = K * D;
+  const int64_t HD = H * D;
 
   // scratch reused across calls (one per calling thread: simulated devices may call concurrently)
   thread_local std::vector<float> scratch;
@@ -179,41 +229,24 @@ ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> posi
   float* h = gu + 2 * B * F;    // [B, F]
   float* t = h + B * F;         // [B, E] an output projection
 
-  // attention half: y = x + (attend(rope(norm(x) @ w_qkv)) @ w_o)
-  const float *g1 = norm1.typed_data(), *g2 = norm2.typed_data();
-  each_row(pool, B, B * E * 8, [&](int64_t b) { rms_norm(xp + b * E, g1, eps, E, xn + b * E); });
-  matmul(pool, xn, w_qkv, s_qkv, qkv, B, E, Cq);
-  auto attend = [&](auto* kc, auto* vc) {  // kc, vc: float* or bf16*, the cache as stored
-    each_row(pool, B, B * Cq * 8, [&](int64_t b) {  // each row writes only its own cache row
-      float* row = qkv + b * Cq;
-      const float *cb = cos.typed_data() + b * R2, *sb = sin.typed_data() + b * R2;
-      rope(row, H, D, cb, sb, R2, rope_half != 0);
-      rope(row + HD, K, D, cb, sb, R2, rope_half != 0);
-      std::copy(row, row + HD, q + b * HD);
-      if (pos[b] >= 0 && pos[b] < S) {
-        meshlm::attention::store_row(row + HD, kc + (b * S + pos[b]) * KD, KD);
-        meshlm::attention::store_row(row + HD + KD, vc + (b * S + pos[b]) * KD, KD);
-      }
-    });
-    meshlm::attention::decode_attend(pool, B, S, K, H / K, D, q, kc, vc, pos, 1.f / std::sqrt(float(D)), o);
+  const Step st{B, E, S, K, H, D, Cq, F, R2, eps, rope_half != 0, xp, pos, cos.typed_data(), sin.typed_data(),
+                norm1.typed_data(), norm2.typed_data(), s_qkv.typed_data(), s_o.typed_data(), s_gu.typed_data(),
+                s_d.typed_data(), y, xn, qkv, q, o, gu, h, t};
+  auto with_cache = [&](auto* w) {
+    using Wt = std::remove_pointer_t<decltype(w)>;
+    const Wt *wq = static_cast<const Wt*>(w_qkv.untyped_data()), *wo = static_cast<const Wt*>(w_o.untyped_data()),
+             *wgu = static_cast<const Wt*>(w_gu.untyped_data()), *wd = static_cast<const Wt*>(w_d.untyped_data());
+    if (ct == ffi::DataType::F32)
+      layer(pool, st, wq, wo, wgu, wd, static_cast<float*>(k_out->untyped_data()),
+            static_cast<float*>(v_out->untyped_data()));
+    else
+      layer(pool, st, wq, wo, wgu, wd, static_cast<bf16*>(k_out->untyped_data()),
+            static_cast<bf16*>(v_out->untyped_data()));
   };
-  if (ct == ffi::DataType::F32)
-    attend(static_cast<float*>(k_out->untyped_data()), static_cast<float*>(v_out->untyped_data()));
+  if (int8)
+    with_cache(static_cast<int8_t*>(nullptr));
   else
-    attend(static_cast<bf16*>(k_out->untyped_data()), static_cast<bf16*>(v_out->untyped_data()));
-  matmul(pool, o, w_o, s_o, t, B, HD, E);
-
-  // FFN half: y += (silu(norm(y) @ w_gate) * (norm(y) @ w_up)) @ w_d
-  each_row(pool, B, B * E * 12, [&](int64_t b) {
-    for (int64_t e = b * E; e < (b + 1) * E; ++e) y[e] = xp[e] + t[e];
-    rms_norm(y + b * E, g2, eps, E, xn + b * E);
-  });
-  matmul(pool, xn, w_gu, s_gu, gu, B, E, 2 * F);
-  each_row(pool, B, B * F * 12, [&](int64_t b) { silu_mul(gu + b * 2 * F, gu + b * 2 * F + F, h + b * F, F); });
-  matmul(pool, h, w_d, s_d, t, B, F, E);
-  each_row(pool, B, B * E * 8, [&](int64_t b) {
-    for (int64_t e = b * E; e < (b + 1) * E; ++e) y[e] += t[e];
-  });
+    with_cache(static_cast<float*>(nullptr));
   return meshlm::done_future();
 }
 

@@ -52,12 +52,27 @@ inline ffi::Future done_future() {
   return future;
 }
 
+// Work posted on the Board that helpers may join.
+struct Task {
+  virtual ~Task() = default;
+  virtual bool wanted() const = 0;  // is there work left that a joining thread could take?
+  virtual void join() = 0;          // take work until none is left to take
+};
+
+inline void spin_pause() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // One kernel call split into chunks that threads claim from a counter.
-struct Job {
+struct Job : Task {
   std::function<void(int64_t)> chunk;  // runs chunk i
   int64_t chunks = 0;
   std::atomic<int64_t> next{0}, finished{0};
 
+  bool wanted() const override { return next.load() < chunks; }
+  void join() override { drain(); }
   void drain() {
     for (int64_t i; (i = next.fetch_add(1)) < chunks;) {
       chunk(i);
@@ -75,13 +90,13 @@ class Board {
     return *board;
   }
 
-  void post(const std::shared_ptr<Job>& job) {
+  void post(const std::shared_ptr<Task>& job) {
     std::lock_guard<std::mutex> lock(mu_);
     jobs_.push_back(job);
     open_.fetch_add(1);
   }
 
-  void retire(const Job* job) {
+  void retire(const Task* job) {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = jobs_.begin(); it != jobs_.end(); ++it)
       if (it->get() == job) {
@@ -98,10 +113,10 @@ class Board {
   }
 
  private:
-  std::shared_ptr<Job> pick() {
+  std::shared_ptr<Task> pick() {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& j : jobs_)
-      if (j->next.load() < j->chunks) return j;
+      if (j->wanted()) return j;
     return nullptr;
   }
 
@@ -111,21 +126,19 @@ class Board {
     for (;;) {
       if (open_.load() > 0) {
         if (auto job = pick()) {
-          job->drain();
+          job->join();
           deadline = std::chrono::steady_clock::now() + kLinger;
           continue;
         }
       }
       if (std::chrono::steady_clock::now() > deadline) break;
-#if defined(__x86_64__)
-      __builtin_ia32_pause();
-#endif
+      spin_pause();
     }
     alive_.fetch_sub(1);
   }
 
   std::mutex mu_;
-  std::vector<std::shared_ptr<Job>> jobs_;
+  std::vector<std::shared_ptr<Task>> jobs_;
   std::atomic<int64_t> open_{0}, alive_{0};
 };
 
@@ -168,11 +181,7 @@ ffi::Future run_split_indexed(ffi::ThreadPool& pool, int64_t C, int64_t align, i
   board.recruit(pool, std::min(chunks, std::max<int64_t>(1, pool.num_threads())) - 1);
   job->drain();
   board.retire(job.get());
-  while (job->finished.load(std::memory_order_acquire) < chunks) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
+  while (job->finished.load(std::memory_order_acquire) < chunks) spin_pause();
   return done_future();
 }
 
@@ -183,6 +192,113 @@ ffi::Future run_split(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t b
   return run_split_indexed(pool, C, align, split_chunks(pool, C, align, bytes, chunks_per_thread),
                            [&body](int64_t, int64_t lo, int64_t hi) { body(lo, hi); });
 }
+
+// A kernel call of several steps as one task (decoder_layer.cc): phases of shares that the calling
+// thread and its helpers work through in order. The thread that finishes a phase's last share runs
+// the phase's serial work (`then`) and opens the next phase; the others spin until it opens. One
+// post, recruit and retire per call instead of one per step, and a helper is already spinning in
+// the call when a phase opens instead of finding the next step's job on the Board (~1 us later).
+// Each thread has a rank (the caller 0, helpers 1, 2, ... as they join) and takes share `rank` of a
+// phase first, then whichever are left, so it knows its next share while it waits for the phase
+// to open and can warm it (phase's `warm`: e.g. its first weight lines into L2).
+// As in run_split, the caller takes every share no helper has claimed and waits only on shares a
+// running thread holds, never on a pool thread being scheduled: simulated devices cannot deadlock.
+class Team : public Task, public std::enable_shared_from_this<Team> {
+ public:
+  using Share = std::function<void(int64_t)>;
+  // A phase of `shares` (>= 1) calls share(i), i < shares, in any order, on any of the threads;
+  // warm(i), if given, is called by the thread likely to run share i before the phase opens.
+  void phase(int64_t shares, Share share, Share warm = nullptr) {
+    phases_.push_back(std::make_unique<Phase>(std::max<int64_t>(1, shares), std::move(share), std::move(warm)));
+  }
+  // Serial work after the last phase added (before any phase: at the start, on the caller).
+  void then(std::function<void()> fn) { (phases_.empty() ? first_ : phases_.back()->then).push_back(std::move(fn)); }
+  // fn(b) for rows b < B: a phase of row ranges when their `bytes` are worth splitting
+  // (split_chunks), else serial work.
+  template <typename Fn>
+  void rows(ffi::ThreadPool& pool, int64_t B, int64_t bytes, Fn fn) {
+    const int64_t n = split_chunks(pool, B, 1, bytes);
+    if (n <= 1) return then([B, fn] {
+      for (int64_t b = 0; b < B; ++b) fn(b);
+    });
+    phase(n, [B, n, fn](int64_t i) {
+      const auto [lo, hi] = chunk_range(B, 1, n, i);
+      for (int64_t b = lo; b < hi; ++b) fn(b);
+    });
+  }
+
+  // Every phase, with whichever helpers join; returns once all are done.
+  void run(ffi::ThreadPool& pool) {
+    int64_t most = 1;
+    for (auto& p : phases_) most = std::max(most, p->shares);
+    Board& board = Board::get();
+    if (most > 1) {
+      board.post(shared_from_this());
+      board.recruit(pool, std::min(most, std::max<int64_t>(1, pool.num_threads())) - 1);
+    }
+    for (auto& fn : first_) fn();
+    opened_.store(1, std::memory_order_release);
+    work(0, 0);
+    if (most > 1) board.retire(this);
+    while (opened_.load(std::memory_order_acquire) <= int64_t(phases_.size())) spin_pause();
+  }
+
+  bool wanted() const override { return opened_.load() <= int64_t(phases_.size()); }
+  void join() override {
+    const int64_t rank = ranks_.fetch_add(1);
+    work(std::max<int64_t>(0, opened_.load(std::memory_order_acquire) - 1), rank);
+  }
+
+ private:
+  struct Phase {
+    Phase(int64_t n, Share fn, Share w) : shares(n), share(std::move(fn)), warm(std::move(w)), taken(n) {
+      for (auto& t : taken) t.store(false, std::memory_order_relaxed);
+    }
+    // share `rank` if free, else the first free one; -1: none left
+    int64_t claim(int64_t rank) {
+      if (rank < shares && !taken[rank].load(std::memory_order_relaxed) && !taken[rank].exchange(true)) return rank;
+      for (int64_t i = 0; i < shares; ++i)
+        if (!taken[i].load(std::memory_order_relaxed) && !taken[i].exchange(true)) return i;
+      return -1;
+    }
+    const int64_t shares;
+    Share share, warm;
+    std::vector<std::function<void()>> then;
+    std::vector<std::atomic<bool>> taken;
+    std::atomic<int64_t> done{0};
+  };
+
+  // Phases k, k + 1, ...: take their unclaimed shares as each opens. A thread that reaches a phase
+  // before it opens claims share `rank` at once (the caller then waits for it as for any claimed
+  // share, so what warm reads stays alive) and warms it while it waits.
+  void work(int64_t k, int64_t rank) {
+    for (const int64_t P = phases_.size(); k < P; ++k) {
+      Phase& ph = *phases_[k];
+      int64_t mine = -1;
+      if (ph.warm && rank < ph.shares && opened_.load(std::memory_order_acquire) <= k &&
+          !ph.taken[rank].load(std::memory_order_relaxed) && !ph.taken[rank].exchange(true)) {
+        mine = rank;
+        ph.warm(rank);
+      }
+      while (opened_.load(std::memory_order_acquire) <= k) spin_pause();
+      if (mine >= 0) run_share(ph, k, mine);
+      for (int64_t i; (i = ph.claim(rank)) >= 0;) run_share(ph, k, i);
+    }
+  }
+
+  void run_share(Phase& ph, int64_t k, int64_t i) {
+    ph.share(i);
+    if (ph.done.fetch_add(1, std::memory_order_acq_rel) + 1 == ph.shares) {  // the phase's last share
+      for (auto& fn : ph.then) fn();
+      opened_.store(k + 2, std::memory_order_release);
+    }
+  }
+
+  std::vector<std::function<void()>> first_;
+  std::vector<std::unique_ptr<Phase>> phases_;
+  std::atomic<int64_t> opened_{0};  // phases [0, opened_) are open; size() + 1: all done
+  std::atomic<int64_t> ranks_{1};   // the next helper's rank (the caller is 0)
+};
 
 inline std::string shape_str(ffi::Span<const int64_t> d) {
   std::string s = "[";

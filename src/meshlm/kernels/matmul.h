@@ -47,6 +47,7 @@ constexpr int kPrefetchBytes = 256;
 
 constexpr int64_t kStreamMaxM = 8;  // rows of x up to which a packed matmul is memory-bound (packed_split)
 constexpr int64_t kSplitRows = 16;  // a thread's share of a packed weight is a multiple of this many panel rows
+constexpr int64_t kWarmBytes = 16 << 10;  // PackedMatmul::warm: of a share's first weights
 constexpr int64_t kRangeSplitMaxM = 128;  // rows of x up to which packed_split cuts panels (measured up to there)
 
 #if defined(MESHLM_AVX512) || defined(MESHLM_AVX2)
@@ -699,7 +700,7 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
 // rows. The work is split over the pool's threads (ffi_common.h: run_split) by panel rows:
 // - a few rows of x (memory-bound) take one contiguous, equal share of the weight per thread, each
 //   one sequential stream. A share may start or end inside a panel: its partial sum goes to
-//   scratch, and the caller adds the pieces of each cut panel once all shares are done. Split by
+//   scratch, and finish() adds the pieces of each cut panel once all shares are done. Split by
 //   whole panels instead, SmolLM2's 9-panel matrices gave one thread 5 panels and the other 4, and
 //   the caller waited 2.6 us per kernel call of 34; int8 batch-1 decode took 4.16-4.98 ms per step
 //   against 3.90-4.86 split by bytes (4 pairs of processes, alternated: 6% less). Claimed a panel or two
@@ -712,66 +713,126 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
 //   19.6-20.4, 51.4-55.2, 97-107 ms against 21.8-22.1, 58.4-58.7, 109-110; int8 13.1-14.4,
 //   50.6-50.8, 105-107 against 14.9-15.9, 53-55, 110-113. Above kRangeSplitMaxM (only AVX-512 int8
 //   goes there) whole panels, as measured there; ranges are unmeasured at that size.
+// PackedMatmul is that split as a plan (prepare, shares, finish): packed_split runs it as one call,
+// decoder_layer.cc as phases of a whole layer (ffi_common.h: Team).
+template <typename W>
+class PackedMatmul {
+ public:
+  PackedMatmul(ffi::ThreadPool& pool, const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R,
+               int64_t C)
+      : x_(x), q_(q), s_(s), y_(y), M_(M), R_(R), C_(C), whole_(M > kRangeSplitMaxM) {
+    const int64_t bytes = R * C * int64_t(sizeof(W));
+    if (whole_) {  // (AVX-512 int8 only) whole panels, claimed in turn, as measured there
+      units_ = C / PW, align_ = 1, shares_ = split_chunks(pool, units_, 1, bytes);
+      return;
+    }
+    units_ = C / PW * R, align_ = kSplitRows;
+    shares_ = split_chunks(pool, units_, kSplitRows, bytes, M > kStreamMaxM ? kChunksPerThread : 1);
+  }
+
+  int64_t shares() const { return shares_; }
+  // Floats of scratch the shares need (the partial sums of cut panels), given to use() before any.
+  int64_t scratch() const { return whole_ ? 0 : shares_ * 2 * M_ * PW; }
+  void use(float* cut) { cut_ = cut; }
+
+  // Before any share, once x holds its values (VNNI: the rows' integer terms).
+  void prepare() {
+#ifdef MESHLM_VNNI
+    if constexpr (std::is_same_v<W, int8_t>) vnni_ = !whole_ && M_ == 1 && R_ <= kVnniMaxRows && split_row(x_, R_, terms_);
+#endif
+  }
+
+  // The first kWarmBytes of share i's weights into L2 (a thread waiting to run it: ffi_common.h Team).
+  void warm(int64_t i) const {
+    const auto [lo, hi] = chunk_range(units_, align_, shares_, i);
+    const int64_t per_unit = (whole_ ? R_ : 1) * PW;  // elements: a panel, or a panel row
+    const W* p = q_ + lo * per_unit;
+    const int64_t n = std::min<int64_t>((hi - lo) * per_unit, kWarmBytes / int64_t(sizeof(W)));
+    for (int64_t j = 0; j < n; j += 64 / int64_t(sizeof(W))) __builtin_prefetch(p + j, 0, 2);
+  }
+
+  // Share i < shares(): its panel rows [lo, hi) (chunk_range); a panel it cuts goes to its scratch.
+  void share(int64_t i) {
+    const auto [lo, hi] = chunk_range(units_, align_, shares_, i);
+    if (whole_) {
+      for (int64_t p = lo; p < hi; ++p)
+        panel_rows(x_, R_, q_ + p * R_ * PW, s_ ? s_ + p * PW : nullptr, y_ + p * PW, C_, M_, 0, R_);
+      return;
+    }
+    float *head = cut_ + (2 * i) * M_ * PW, *tail = head + M_ * PW;
+    for (int64_t p = lo / R_; p * R_ < hi; ++p) {
+      const int64_t r0 = std::max<int64_t>(lo - p * R_, 0), r1 = std::min<int64_t>(hi - p * R_, R_);
+      if (r0 == 0 && r1 == R_)
+        rows(p, 0, R_, s_ ? s_ + p * PW : nullptr, y_ + p * PW, C_);
+      else
+        rows(p, r0, r1, nullptr, r0 > 0 ? head : tail, PW);
+    }
+  }
+
+  // After every share: each cut panel is zeroed, gets the pieces of the shares that touch it, then
+  // is scaled.
+  void finish() {
+    if (whole_) return;
+    const int64_t M = M_, C = C_, R = R_;
+    float* y = y_;
+    touched_.clear();
+    for (int64_t i = 0; i < shares_; ++i) {
+      const auto [lo, hi] = chunk_range(units_, kSplitRows, shares_, i);
+      if (lo == hi) continue;
+      const int64_t first = lo / R, last = (hi - 1) / R;
+      const float* head = cut_ + (2 * i) * M * PW;
+      auto add = [&](int64_t p, const float* part) {
+        if (std::find(touched_.begin(), touched_.end(), p) == touched_.end()) {
+          touched_.push_back(p);
+          for (int64_t m = 0; m < M; ++m) std::fill(y + m * C + p * PW, y + m * C + (p + 1) * PW, 0.f);
+        }
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t c = 0; c < PW; ++c) y[m * C + p * PW + c] += part[m * PW + c];
+      };
+      if (lo % R != 0) add(first, head);                                   // starts inside `first`
+      else if (last == first && hi % R != 0) add(first, head + M * PW);    // [panel start, inside it)
+      if (last != first && hi % R != 0) add(last, head + M * PW);          // ends inside `last`
+    }
+    if (s_)
+      for (int64_t p : touched_)
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t c = 0; c < PW; ++c) y[m * C + p * PW + c] *= s_[p * PW + c];
+  }
+
+ private:
+  // rows [r0, r1) of panel p into yp (rows of y ys apart), scaled by sp unless null
+  void rows(int64_t p, int64_t r0, int64_t r1, const float* sp, float* yp, int64_t ys) {
+#ifdef MESHLM_VNNI
+    if constexpr (std::is_same_v<W, int8_t>)
+      if (vnni_) return packed1_vnni(terms_, q_ + p * R_ * PW, sp, yp, r0, r1);
+#endif
+    panel_rows(x_, R_, q_ + p * R_ * PW, sp, yp, ys, M_, r0, r1);
+  }
+
+  const float* x_;
+  const W* q_;
+  const float* s_;
+  float* y_;
+  const int64_t M_, R_, C_;
+  const bool whole_;
+  int64_t units_ = 0, align_ = 1, shares_ = 1;
+  float* cut_ = nullptr;  // per share: the partial sums of its first and last panels (use)
+  std::vector<int64_t> touched_;
+#ifdef MESHLM_VNNI
+  RowTerms terms_;  // one row of int8 weights: integer dot products (packed1_vnni)
+  bool vnni_ = false;
+#endif
+};
+
 template <typename W>
 void packed_split(ffi::ThreadPool& pool, const float* x, const W* q, const float* s, float* y, int64_t M, int64_t R,
                   int64_t C) {
-  const int64_t panels = C / PW, bytes = R * C * int64_t(sizeof(W));
-  if (M > kRangeSplitMaxM) {  // (AVX-512 int8 only) whole panels, claimed in turn, as measured there
-    run_split(pool, panels, 1, bytes, [=](int64_t lo, int64_t hi) {
-      for (int64_t p = lo; p < hi; ++p)
-        panel_rows(x, R, q + p * R * PW, s ? s + p * PW : nullptr, y + p * PW, C, M, 0, R);
-    });
-    return;
-  }
-#ifdef MESHLM_VNNI
-  RowTerms terms;  // one row of int8 weights: integer dot products (packed1_vnni)
-  bool vnni = false;
-  if constexpr (std::is_same_v<W, int8_t>) vnni = M == 1 && R <= kVnniMaxRows && split_row(x, R, terms);
-#endif
-  // rows [r0, r1) of panel p into yp (rows of y ys apart), scaled by sp unless null
-  auto run_rows = [&](int64_t p, int64_t r0, int64_t r1, const float* sp, float* yp, int64_t ys) {
-#ifdef MESHLM_VNNI
-    if constexpr (std::is_same_v<W, int8_t>)
-      if (vnni) return packed1_vnni(terms, q + p * R * PW, sp, yp, r0, r1);
-#endif
-    panel_rows(x, R, q + p * R * PW, sp, yp, ys, M, r0, r1);
-  };
-  const int64_t rows = panels * R;
-  const int64_t chunks = split_chunks(pool, rows, kSplitRows, bytes, M > kStreamMaxM ? kChunksPerThread : 1);
-  std::vector<float> cut(chunks * 2 * M * PW);  // per share: the partial sums of its first and last panels
-  run_split_indexed(pool, rows, kSplitRows, chunks, [&](int64_t i, int64_t lo, int64_t hi) {
-    float *head = cut.data() + (2 * i) * M * PW, *tail = head + M * PW;
-    for (int64_t p = lo / R; p * R < hi; ++p) {
-      const int64_t r0 = std::max<int64_t>(lo - p * R, 0), r1 = std::min<int64_t>(hi - p * R, R);
-      if (r0 == 0 && r1 == R)
-        run_rows(p, 0, R, s ? s + p * PW : nullptr, y + p * PW, C);
-      else
-        run_rows(p, r0, r1, nullptr, r0 > 0 ? head : tail, PW);
-    }
-  });
-  // each cut panel: zero, add the pieces of the shares that touch it, then scale
-  std::vector<int64_t> touched;
-  for (int64_t i = 0; i < chunks; ++i) {
-    const auto [lo, hi] = chunk_range(rows, kSplitRows, chunks, i);
-    if (lo == hi) continue;
-    const int64_t first = lo / R, last = (hi - 1) / R;
-    const float* head = cut.data() + (2 * i) * M * PW;
-    auto add = [&](int64_t p, const float* part) {
-      if (std::find(touched.begin(), touched.end(), p) == touched.end()) {
-        touched.push_back(p);
-        for (int64_t m = 0; m < M; ++m) std::fill(y + m * C + p * PW, y + m * C + (p + 1) * PW, 0.f);
-      }
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t c = 0; c < PW; ++c) y[m * C + p * PW + c] += part[m * PW + c];
-    };
-    if (lo % R != 0) add(first, head);                                   // starts inside `first`
-    else if (last == first && hi % R != 0) add(first, head + M * PW);    // [panel start, inside it)
-    if (last != first && hi % R != 0) add(last, head + M * PW);          // ends inside `last`
-  }
-  if (s)
-    for (int64_t p : touched)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t c = 0; c < PW; ++c) y[m * C + p * PW + c] *= s[p * PW + c];
+  PackedMatmul<W> mm(pool, x, q, s, y, M, R, C);
+  std::vector<float> cut(mm.scratch());
+  mm.use(cut.data());
+  mm.prepare();
+  run_split_indexed(pool, 1, 1, mm.shares(), [&](int64_t i, int64_t, int64_t) { mm.share(i); });
+  mm.finish();
 }
 
 }  // namespace matmul
