@@ -554,11 +554,6 @@ inline void merge(const Dims& n, const float* m, const float* l, const float* po
 
 constexpr int64_t kWarmCacheBytes = 64 << 10;  // DecodeAttention::warm: of K and of V, per share
 
-template <typename T>
-inline void prefetch_lines(const T* p, int64_t n) {  // n elements at p into L2
-  for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(T))) __builtin_prefetch(p + i, 0, 2);
-}
-
 // out [B, K, G, D] = the attention above for q [B, K, G, D] against k, v [B, S, K, D] at positions
 // pos [B], as a plan split over the pool's threads (B * P units: rows times chunks of S): shares()
 // shares, share(i) in any order on any thread, each row merged by the share that finishes its last
@@ -569,7 +564,7 @@ class DecodeAttention {
  public:
   DecodeAttention(ffi::ThreadPool& pool, int64_t B, int64_t S, int64_t K, int64_t G, int64_t D, const float* q,
                   const T* k, const T* v, const int32_t* pos, float scale, float* out)
-      : n_{B, S, K, G, D, 1, S}, q_(q), k_(k), v_(v), pos_(pos), scale_(scale), out_(out) {
+      : n_{B, S, K, G, D, 1, S}, q_(q), k_(k), v_(v), pos_(pos), scale_(scale), out_(out), left_(B) {
     const int64_t threads = std::max<int64_t>(1, pool.num_threads());
     int64_t bytes = 0, longest = 1;
     for (int64_t b = 0; b < B; ++b) {
@@ -591,7 +586,6 @@ class DecodeAttention {
     n_.chunk = (longest + n_.P - 1) / n_.P;
     const int64_t H = K * G;
     m_.resize(B * n_.P * H), l_.resize(m_.size()), o_.resize(m_.size() * D);
-    left_ = std::vector<std::atomic<int64_t>>(B);
     for (auto& c : left_) c.store(n_.P);
     units_ = B * n_.P;
     shares_ = B == 1 ? units_ : split_chunks(pool, units_, 1, bytes);  // B == 1: one chunk a share
@@ -605,15 +599,15 @@ class DecodeAttention {
   void warm(int64_t i) const {
     const auto [lo, hi] = chunk_range(units_, 1, shares_, i);
     const int64_t row = n_.K * n_.D;
-    int64_t left = kWarmCacheBytes / int64_t(sizeof(T));
+    int64_t left = kWarmCacheBytes;
     for (int64_t u = lo; u < hi && left > 0; ++u) {
       const int64_t b = u / n_.P, p = u % n_.P;
       const int64_t len = attended(pos_[b], n_.S);
       const int64_t s0 = std::min(len, p * n_.chunk), s1 = std::min(len, s0 + n_.chunk);
-      const int64_t n = std::min(left, (s1 - s0) * row);
-      prefetch_lines(k_ + (b * n_.S + s0) * row, n);
-      prefetch_lines(v_ + (b * n_.S + s0) * row, n);
-      left -= n;
+      const int64_t bytes = std::min<int64_t>(left, (s1 - s0) * row * int64_t(sizeof(T)));
+      prefetch_l2(k_ + (b * n_.S + s0) * row, bytes);
+      prefetch_l2(v_ + (b * n_.S + s0) * row, bytes);
+      left -= bytes;
     }
   }
 

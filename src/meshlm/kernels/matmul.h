@@ -746,9 +746,7 @@ class PackedMatmul {
   void warm(int64_t i) const {
     const auto [lo, hi] = chunk_range(units_, align_, shares_, i);
     const int64_t per_unit = (whole_ ? R_ : 1) * PW;  // elements: a panel, or a panel row
-    const W* p = q_ + lo * per_unit;
-    const int64_t n = std::min<int64_t>((hi - lo) * per_unit, kWarmBytes / int64_t(sizeof(W)));
-    for (int64_t j = 0; j < n; j += 64 / int64_t(sizeof(W))) __builtin_prefetch(p + j, 0, 2);
+    prefetch_l2(q_ + lo * per_unit, std::min<int64_t>((hi - lo) * per_unit * int64_t(sizeof(W)), kWarmBytes));
   }
 
   // Share i < shares(): its panel rows [lo, hi) (chunk_range); a panel it cuts goes to its scratch.
@@ -777,7 +775,7 @@ class PackedMatmul {
     float* y = y_;
     touched_.clear();
     for (int64_t i = 0; i < shares_; ++i) {
-      const auto [lo, hi] = chunk_range(units_, kSplitRows, shares_, i);
+      const auto [lo, hi] = chunk_range(units_, align_, shares_, i);
       if (lo == hi) continue;
       const int64_t first = lo / R, last = (hi - 1) / R;
       const float* head = cut_ + (2 * i) * M * PW;
