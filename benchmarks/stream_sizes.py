@@ -52,12 +52,21 @@ def plain_reader():
     return fn
 
 
-def read_rates(fn, sizes: list[int], threads: list[int], call_bytes: int, repeats: int = 7) -> dict:
-    """{(threads, bytes): bytes/s}: the median of `repeats` calls, each reading a buffer of that
+def read_buffers(sizes: list[int]) -> dict:
+    """{bytes: a buffer of that many random bytes}, made once for every read of a run."""
+    return {b: np.random.default_rng(0).integers(0, 256, b, dtype=np.uint8) for b in sizes}
+
+
+def nearest(sizes, b: int) -> int:
+    """The size of `sizes` closest to b (a curve's point is whole matrix pairs, not exactly --mib)."""
+    return min(sizes, key=lambda s: abs(s - b))
+
+
+def read_rates(fn, bufs: dict, threads: list[int], call_bytes: int, repeats: int = 7) -> dict:
+    """{(threads, bytes): bytes/s}: the median of `repeats` calls, each reading the buffer of that
     many bytes again and again until call_bytes, the (threads, size) points timed round-robin."""
-    bufs = {b: np.random.default_rng(0).integers(0, 255, b, dtype=np.uint8) for b in sizes}
-    points = [(t, b) for b in sizes for t in threads]
-    passes = {b: max(1, -(-call_bytes // b)) for b in sizes}
+    points = [(t, b) for b in bufs for t in threads]
+    passes = {b: max(1, -(-call_bytes // b)) for b in bufs}
     times: dict = {p: [] for p in points}
     for rep in range(repeats + 1):  # the first round warms up (page faults, caches)
         for t, b in points:
@@ -80,12 +89,13 @@ def main() -> int:
     mesh = calibrate._mesh(jax.devices()[:1])
     reader = None if args.no_read else plain_reader()
     sizes = [m << 20 for m in args.mib]
+    bufs = read_buffers(sizes) if reader is not None else {}
     top = max(args.threads)
 
     def reads(r):  # one plain read of every size and thread count, as rows
         if reader is None:
             return {}
-        rates = read_rates(reader, sizes, args.threads, calibrate.STREAM_CALL_BYTES)
+        rates = read_rates(reader, bufs, args.threads, calibrate.STREAM_CALL_BYTES)
         print("  read: " + ", ".join(f"{b >> 20} MiB x{t} {bw / 1e9:.1f}" for (t, b), bw in rates.items()) + " GB/s")
         rows.extend({"round": r, "weights": f"read x{t}", "bytes": b, "gb_per_s": bw / 1e9,
                      "loadavg_1m": os.getloadavg()[0]} for (t, b), bw in rates.items())
@@ -100,7 +110,7 @@ def main() -> int:
             for b, bw in pts:
                 row = {"round": r, "weights": fmt, "bytes": b, "gb_per_s": bw / 1e9, "loadavg_1m": os.getloadavg()[0]}
                 if after:
-                    near = min(sizes, key=lambda s: abs(s - b))
+                    near = nearest(sizes, b)
                     row["vs_read"] = bw / ((before[(top, near)] + after[(top, near)]) / 2)
                 rows.append(row)
             before = after
@@ -128,7 +138,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'MiB':>6} | " + " | ".join(head) + "   (GB/s, medians of the rounds; a curve's point is the best rate"
           " at or past its size, as calibrate keeps it)")
     for b in sizes:
-        near = min(read_sizes, key=lambda s: abs(s - b)) if read_sizes else None
+        near = nearest(read_sizes, b) if read_sizes else None
         cells = [med(k, b) for k in curves] + [med(k, near) for k in reads_]
         out = [f"{c:8.1f}" if c is not None else f"{'-':>8}" for c in cells]
         out += [f"{med(k, b, 'vs_read'):10.0%}" for k in ratio]
