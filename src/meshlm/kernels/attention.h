@@ -564,7 +564,7 @@ class DecodeAttention {
  public:
   DecodeAttention(ffi::ThreadPool& pool, int64_t B, int64_t S, int64_t K, int64_t G, int64_t D, const float* q,
                   const T* k, const T* v, const int32_t* pos, float scale, float* out)
-      : n_{B, S, K, G, D, 1, S}, q_(q), k_(k), v_(v), pos_(pos), scale_(scale), out_(out), left_(B) {
+      : n_{B, S, K, G, D, 1, S}, q_(q), k_(k), v_(v), pos_(pos), scale_(scale), out_(out) {
     const int64_t threads = std::max<int64_t>(1, pool.num_threads());
     int64_t bytes = 0, longest = 1;
     for (int64_t b = 0; b < B; ++b) {
@@ -585,8 +585,16 @@ class DecodeAttention {
     if (B == 1) n_.P = std::min(threads, std::max<int64_t>(1, longest / 16));
     n_.chunk = (longest + n_.P - 1) / n_.P;
     const int64_t H = K * G;
-    m_.resize(B * n_.P * H), l_.resize(m_.size()), o_.resize(m_.size() * D);
-    for (auto& c : left_) c.store(n_.P);
+    // the partials' storage, kept by the calling thread from call to call (one call at a time each)
+    thread_local std::vector<float> partials;
+    thread_local std::unique_ptr<std::atomic<int64_t>[]> left;
+    thread_local int64_t left_capacity = 0;
+    const int64_t n = B * n_.P * H;
+    partials.resize(n * (2 + D));
+    m_ = partials.data(), l_ = m_ + n, o_ = l_ + n;
+    if (B > left_capacity) left = std::make_unique<std::atomic<int64_t>[]>(B), left_capacity = B;
+    left_ = left.get();
+    for (int64_t b = 0; b < B; ++b) left_[b].store(n_.P, std::memory_order_relaxed);
     units_ = B * n_.P;
     shares_ = B == 1 ? units_ : split_chunks(pool, units_, 1, bytes);  // B == 1: one chunk a share
   }
@@ -632,8 +640,8 @@ class DecodeAttention {
   const int32_t* pos_;
   const float scale_;
   float* out_;
-  std::vector<float> m_, l_, o_;  // per (b, chunk, head): the chunk's max, sum and unnormalized output
-  std::vector<std::atomic<int64_t>> left_;  // chunks of each row not yet done
+  float *m_, *l_, *o_;  // per (b, chunk, head): the chunk's max, sum and unnormalized output
+  std::atomic<int64_t>* left_;  // chunks of each row not yet done
   int64_t units_ = 1, shares_ = 1;
 };
 

@@ -139,16 +139,16 @@ void layer(ffi::ThreadPool& pool, const Step& a, const Wt* w_qkv, const Wt* w_o,
   cut.resize(mm_qkv.scratch() + mm_o.scratch() + mm_gu.scratch() + mm_d.scratch());
   float* c = cut.data();
   for (PackedMatmul<Wt>* mm : {&mm_qkv, &mm_o, &mm_gu, &mm_d}) mm->use(c), c += mm->scratch();
-  auto team = std::make_shared<meshlm::Team>();
+  meshlm::Team& team = meshlm::Team::local();
   auto matmul = [&](PackedMatmul<Wt>& mm) {
-    team->then([&mm] { mm.prepare(); });
-    team->phase(mm.shares(), [&mm](int64_t i) { mm.share(i); }, [&mm](int64_t i) { mm.warm(i); });
-    team->then([&mm] { mm.finish(); });
+    team.then([&mm] { mm.prepare(); });
+    team.phase(mm.shares(), [&mm](int64_t i) { mm.share(i); }, [&mm](int64_t i) { mm.warm(i); });
+    team.then([&mm] { mm.finish(); });
   };
   // attention half: y = x + (attend(rope(norm(x) @ w_qkv)) @ w_o)
-  team->rows(pool, B, B * E * 8, [&a, E](int64_t b) { rms_norm(a.x + b * E, a.g1, a.eps, E, a.xn + b * E); });
+  team.rows(pool, B, B * E * 8, [&a, E](int64_t b) { rms_norm(a.x + b * E, a.g1, a.eps, E, a.xn + b * E); });
   matmul(mm_qkv);
-  team->rows(pool, B, B * Cq * 8, [&a, kc, vc, Cq, HD, KD, H, K, D, R2, S](int64_t b) {
+  team.rows(pool, B, B * Cq * 8, [&a, kc, vc, Cq, HD, KD, H, K, D, R2, S](int64_t b) {
     float* row = a.qkv + b * Cq;  // each row writes only its own cache row
     const float *cb = a.cos + b * R2, *sb = a.sin + b * R2;
     rope(row, H, D, cb, sb, R2, a.rope_half);
@@ -159,20 +159,20 @@ void layer(ffi::ThreadPool& pool, const Step& a, const Wt* w_qkv, const Wt* w_o,
       meshlm::attention::store_row(row + HD + KD, vc + (b * S + a.pos[b]) * KD, KD);
     }
   });
-  team->phase(att.shares(), [&att](int64_t i) { att.share(i); }, [&att](int64_t i) { att.warm(i); });
+  team.phase(att.shares(), [&att](int64_t i) { att.share(i); }, [&att](int64_t i) { att.warm(i); });
   matmul(mm_o);
   // FFN half: y += (silu(norm(y) @ w_gate) * (norm(y) @ w_up)) @ w_d
-  team->rows(pool, B, B * E * 12, [&a, E](int64_t b) {
+  team.rows(pool, B, B * E * 12, [&a, E](int64_t b) {
     for (int64_t e = b * E; e < (b + 1) * E; ++e) a.y[e] = a.x[e] + a.t[e];
     rms_norm(a.y + b * E, a.g2, a.eps, E, a.xn + b * E);
   });
   matmul(mm_gu);
-  team->rows(pool, B, B * F * 12, [&a, F](int64_t b) { silu_mul(a.gu + b * 2 * F, a.gu + b * 2 * F + F, a.h + b * F, F); });
+  team.rows(pool, B, B * F * 12, [&a, F](int64_t b) { silu_mul(a.gu + b * 2 * F, a.gu + b * 2 * F + F, a.h + b * F, F); });
   matmul(mm_d);
-  team->rows(pool, B, B * E * 8, [&a, E](int64_t b) {
+  team.rows(pool, B, B * E * 8, [&a, E](int64_t b) {
     for (int64_t e = b * E; e < (b + 1) * E; ++e) a.y[e] += a.t[e];
   });
-  team->run(pool);
+  team.run(pool);
 }
 
 ffi::Future DecoderLayer(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> positions, F32 cos, F32 sin, F32 norm1,

@@ -52,11 +52,14 @@ inline ffi::Future done_future() {
   return future;
 }
 
-// Work posted on the Board that helpers may join.
+// Work posted on the Board that helpers may join. It belongs to the thread that posts it, which
+// takes it off the Board (Board::retire) before it goes: retire waits until every helper that picked
+// it has left join(), so a task can live on the poster's stack or be reused for its next call.
 struct Task {
   virtual ~Task() = default;
   virtual bool wanted() const = 0;  // is there work left that a joining thread could take?
   virtual void join() = 0;          // take work until none is left to take
+  std::atomic<int64_t> users{0};    // helpers between Board::pick and the end of their join()
 };
 
 // The 64-byte lines of [p, p + bytes) into L2: a share's first data, fetched by a thread waiting to
@@ -97,20 +100,24 @@ class Board {
     return *board;
   }
 
-  void post(const std::shared_ptr<Task>& job) {
+  void post(Task* job) {
     std::lock_guard<std::mutex> lock(mu_);
     jobs_.push_back(job);
     open_.fetch_add(1);
+    posted_.fetch_add(1, std::memory_order_release);
   }
 
-  void retire(const Task* job) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto it = jobs_.begin(); it != jobs_.end(); ++it)
-      if (it->get() == job) {
+  // Takes job off the Board and returns once no helper is inside it.
+  void retire(Task* job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = std::find(jobs_.begin(), jobs_.end(), job);
+      if (it != jobs_.end()) {
         jobs_.erase(it);
         open_.fetch_sub(1);
-        return;
       }
+    }
+    while (job->users.load(std::memory_order_acquire) > 0) spin_pause();
   }
 
   // Make sure up to `want` helpers are around (spinning, or working on jobs).
@@ -120,23 +127,32 @@ class Board {
   }
 
  private:
-  std::shared_ptr<Task> pick() {
+  // A wanted job, counted as used (under the lock, so retire cannot miss it), or null.
+  Task* pick() {
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto& j : jobs_)
-      if (j->wanted()) return j;
+    for (Task* j : jobs_)
+      if (j->wanted()) {
+        j->users.fetch_add(1, std::memory_order_relaxed);
+        return j;
+      }
     return nullptr;
   }
 
-  // A helper: joins posted jobs until none has come for kLinger, then returns its pool thread.
+  // A helper: joins posted jobs until none has come for kLinger, then returns its pool thread. It
+  // looks for work again only after a post (or a job it finished): spinning on pick()'s lock kept
+  // the caller's retire waiting ~1 us a call.
   void linger() {
     auto deadline = std::chrono::steady_clock::now() + kLinger;
-    for (;;) {
-      if (open_.load() > 0) {
-        if (auto job = pick()) {
+    for (int64_t seen = -1;;) {
+      const int64_t posted = posted_.load(std::memory_order_acquire);
+      if (posted != seen && open_.load() > 0) {
+        if (Task* job = pick()) {
           job->join();
+          job->users.fetch_sub(1, std::memory_order_release);  // job may be gone from here on
           deadline = std::chrono::steady_clock::now() + kLinger;
           continue;
         }
+        seen = posted;
       }
       if (std::chrono::steady_clock::now() > deadline) break;
       spin_pause();
@@ -144,9 +160,13 @@ class Board {
     alive_.fetch_sub(1);
   }
 
+  // The counters helpers spin on, each on its own cache line, away from the lock and the list the
+  // caller writes (on one line, post and recruit took ~1.3 us a call against ~0.5).
   std::mutex mu_;
-  std::vector<std::shared_ptr<Task>> jobs_;
-  std::atomic<int64_t> open_{0}, alive_{0};
+  std::vector<Task*> jobs_;
+  alignas(64) std::atomic<int64_t> open_{0};
+  alignas(64) std::atomic<int64_t> posted_{0};
+  alignas(64) std::atomic<int64_t> alive_{0};
 };
 
 // Chunk i of [0, C) split into `chunks` chunks aligned to `align`: [lo, hi).
@@ -177,18 +197,18 @@ ffi::Future run_split_indexed(ffi::ThreadPool& pool, int64_t C, int64_t align, i
     body(int64_t(0), int64_t(0), C);
     return done_future();
   }
-  auto job = std::make_shared<Job>();
-  job->chunks = chunks;
-  job->chunk = [&body, C, align, chunks](int64_t i) {
+  Job job;
+  job.chunks = chunks;
+  job.chunk = [&body, C, align, chunks](int64_t i) {
     const auto [lo, hi] = chunk_range(C, align, chunks, i);
     body(i, lo, hi);
   };
   Board& board = Board::get();
-  board.post(job);
+  board.post(&job);
   board.recruit(pool, std::min(chunks, std::max<int64_t>(1, pool.num_threads())) - 1);
-  job->drain();
-  board.retire(job.get());
-  while (job->finished.load(std::memory_order_acquire) < chunks) spin_pause();
+  job.drain();
+  board.retire(&job);  // also waits for the helpers' claimed chunks
+  while (job.finished.load(std::memory_order_acquire) < chunks) spin_pause();
   return done_future();
 }
 
@@ -210,16 +230,29 @@ ffi::Future run_split(ffi::ThreadPool& pool, int64_t C, int64_t align, int64_t b
 // to open and can warm it (phase's `warm`: e.g. its first weight lines into L2).
 // As in run_split, the caller takes every share no helper has claimed and waits only on shares a
 // running thread holds, never on a pool thread being scheduled: simulated devices cannot deadlock.
-class Team : public Task, public std::enable_shared_from_this<Team> {
+// A calling thread reuses one Team (local()) and its phases' storage from call to call: built and
+// freed afresh, a decoder layer's Team took ~2 us a call in allocations, part of them freed on
+// the helper's thread.
+class Team : public Task {
  public:
   using Share = std::function<void(int64_t)>;
+  // The calling thread's Team, with no phases (what the last call left is cleared).
+  static Team& local() {
+    thread_local Team team;
+    team.first_.clear();
+    team.used_ = 0;
+    team.opened_.store(0, std::memory_order_relaxed);
+    team.ranks_.store(1, std::memory_order_relaxed);
+    return team;
+  }
   // A phase of `shares` (>= 1) calls share(i), i < shares, in any order, on any of the threads;
   // warm(i), if given, is called by the thread likely to run share i before the phase opens.
   void phase(int64_t shares, Share share, Share warm = nullptr) {
-    phases_.push_back(std::make_unique<Phase>(std::max<int64_t>(1, shares), std::move(share), std::move(warm)));
+    if (used_ == int64_t(phases_.size())) phases_.push_back(std::make_unique<Phase>());
+    phases_[used_++]->reset(std::max<int64_t>(1, shares), std::move(share), std::move(warm));
   }
   // Serial work after the last phase added (before any phase: at the start, on the caller).
-  void then(std::function<void()> fn) { (phases_.empty() ? first_ : phases_.back()->then).push_back(std::move(fn)); }
+  void then(std::function<void()> fn) { (used_ == 0 ? first_ : phases_[used_ - 1]->then).push_back(std::move(fn)); }
   // fn(b) for rows b < B: a phase of row ranges when their `bytes` are worth splitting
   // (split_chunks), else serial work.
   template <typename Fn>
@@ -237,20 +270,20 @@ class Team : public Task, public std::enable_shared_from_this<Team> {
   // Every phase, with whichever helpers join; returns once all are done.
   void run(ffi::ThreadPool& pool) {
     int64_t most = 1;
-    for (auto& p : phases_) most = std::max(most, p->shares);
+    for (int64_t k = 0; k < used_; ++k) most = std::max(most, phases_[k]->shares);
     Board& board = Board::get();
     if (most > 1) {
-      board.post(shared_from_this());
+      board.post(this);
       board.recruit(pool, std::min(most, std::max<int64_t>(1, pool.num_threads())) - 1);
     }
     for (auto& fn : first_) fn();
     opened_.store(1, std::memory_order_release);
     work(0, 0);
-    if (most > 1) board.retire(this);
-    while (opened_.load(std::memory_order_acquire) <= int64_t(phases_.size())) spin_pause();
+    if (most > 1) board.retire(this);  // returns once no helper is inside: the Team may be reused
+    while (opened_.load(std::memory_order_acquire) <= used_) spin_pause();
   }
 
-  bool wanted() const override { return opened_.load() <= int64_t(phases_.size()); }
+  bool wanted() const override { return opened_.load() <= used_; }
   void join() override {
     const int64_t rank = ranks_.fetch_add(1);
     work(std::max<int64_t>(0, opened_.load(std::memory_order_acquire) - 1), rank);
@@ -258,8 +291,12 @@ class Team : public Task, public std::enable_shared_from_this<Team> {
 
  private:
   struct Phase {
-    Phase(int64_t n, Share fn, Share w) : shares(n), share(std::move(fn)), warm(std::move(w)), taken(n) {
-      for (auto& t : taken) t.store(false, std::memory_order_relaxed);
+    void reset(int64_t n, Share fn, Share w) {
+      shares = n, share = std::move(fn), warm = std::move(w);
+      then.clear();
+      done.store(0, std::memory_order_relaxed);
+      if (n > capacity) taken = std::make_unique<std::atomic<bool>[]>(n), capacity = n;
+      for (int64_t i = 0; i < n; ++i) taken[i].store(false, std::memory_order_relaxed);
     }
     // share `rank` if free, else the first free one; -1: none left
     int64_t claim(int64_t rank) {
@@ -268,10 +305,10 @@ class Team : public Task, public std::enable_shared_from_this<Team> {
         if (!taken[i].load(std::memory_order_relaxed) && !taken[i].exchange(true)) return i;
       return -1;
     }
-    const int64_t shares;
+    int64_t shares = 0, capacity = 0;
     Share share, warm;
     std::vector<std::function<void()>> then;
-    std::vector<std::atomic<bool>> taken;
+    std::unique_ptr<std::atomic<bool>[]> taken;
     std::atomic<int64_t> done{0};
   };
 
@@ -279,7 +316,7 @@ class Team : public Task, public std::enable_shared_from_this<Team> {
   // before it opens claims share `rank` at once (the caller then waits for it as for any claimed
   // share, so what warm reads stays alive) and warms it while it waits.
   void work(int64_t k, int64_t rank) {
-    for (const int64_t P = phases_.size(); k < P; ++k) {
+    for (const int64_t P = used_; k < P; ++k) {
       Phase& ph = *phases_[k];
       int64_t mine = -1;
       if (ph.warm && rank < ph.shares && opened_.load(std::memory_order_acquire) <= k &&
@@ -302,8 +339,9 @@ class Team : public Task, public std::enable_shared_from_this<Team> {
   }
 
   std::vector<std::function<void()>> first_;
-  std::vector<std::unique_ptr<Phase>> phases_;
-  std::atomic<int64_t> opened_{0};  // phases [0, opened_) are open; size() + 1: all done
+  std::vector<std::unique_ptr<Phase>> phases_;  // the first used_ are this call's
+  int64_t used_ = 0;
+  std::atomic<int64_t> opened_{0};  // phases [0, opened_) are open; used_ + 1: all done
   std::atomic<int64_t> ranks_{1};   // the next helper's rank (the caller is 0)
 };
 

@@ -767,34 +767,29 @@ class PackedMatmul {
     }
   }
 
-  // After every share: each cut panel is zeroed, gets the pieces of the shares that touch it, then
-  // is scaled.
+  // After every share: the cut panels put together from their pieces, then scaled. Shares cover the
+  // rows in order, so a panel's piece from its row 0 (a share's tail) comes first and is copied, the
+  // others (a share's head) are added after it, and the piece that reaches its last row completes it.
   void finish() {
     if (whole_) return;
     const int64_t M = M_, C = C_, R = R_;
-    float* y = y_;
-    touched_.clear();
+    auto piece = [&](int64_t p, const float* part, bool add, bool last_piece) {
+      for (int64_t m = 0; m < M; ++m) {
+        float* yp = y_ + m * C + p * PW;
+        const float* pp = part + m * PW;
+        for (int64_t c = 0; c < PW; ++c) yp[c] = add ? yp[c] + pp[c] : pp[c];
+        if (last_piece && s_)
+          for (int64_t c = 0; c < PW; ++c) yp[c] *= s_[p * PW + c];
+      }
+    };
     for (int64_t i = 0; i < shares_; ++i) {
       const auto [lo, hi] = chunk_range(units_, align_, shares_, i);
       if (lo == hi) continue;
       const int64_t first = lo / R, last = (hi - 1) / R;
-      const float* head = cut_ + (2 * i) * M * PW;
-      auto add = [&](int64_t p, const float* part) {
-        if (std::find(touched_.begin(), touched_.end(), p) == touched_.end()) {
-          touched_.push_back(p);
-          for (int64_t m = 0; m < M; ++m) std::fill(y + m * C + p * PW, y + m * C + (p + 1) * PW, 0.f);
-        }
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t c = 0; c < PW; ++c) y[m * C + p * PW + c] += part[m * PW + c];
-      };
-      if (lo % R != 0) add(first, head);                                   // starts inside `first`
-      else if (last == first && hi % R != 0) add(first, head + M * PW);    // [panel start, inside it)
-      if (last != first && hi % R != 0) add(last, head + M * PW);          // ends inside `last`
+      const float *head = cut_ + (2 * i) * M * PW, *tail = head + M * PW;
+      if (lo % R != 0) piece(first, head, true, last != first || hi % R == 0);  // starts inside `first`
+      if (hi % R != 0 && (last != first || lo % R == 0)) piece(last, tail, false, false);  // [its row 0, inside)
     }
-    if (s_)
-      for (int64_t p : touched_)
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t c = 0; c < PW; ++c) y[m * C + p * PW + c] *= s_[p * PW + c];
   }
 
  private:
@@ -815,7 +810,6 @@ class PackedMatmul {
   const bool whole_;
   int64_t units_ = 0, align_ = 1, shares_ = 1;
   float* cut_ = nullptr;  // per share: the partial sums of its first and last panels (use)
-  std::vector<int64_t> touched_;
 #ifdef MESHLM_VNNI
   RowTerms terms_;  // one row of int8 weights: integer dot products (packed1_vnni)
   bool vnni_ = false;
