@@ -61,29 +61,42 @@ constexpr int64_t kRangeSplitMaxM = 128;  // rows of x up to which packed_split 
 // the shorter distance keeps, and L2 has more room for them than L1).
 // AVX2 (the Zen 2 VM, 2026-12-06, the decode step in alternating processes): int8 4096 bytes into L2
 // (6.1-6.2 ms at batch 1) against 1024 into L1 (6.3-10.0) and none (7.6-8.3); f32 none, -1 (20.3-20.7
-// ms), against 4096 into L1 (20.7-21.3) and 16384 into L2 (21.6-22.3).
+// ms), against 4096 into L1 (20.7-21.3) and 16384 into L2 (21.6-22.3). Then (2026-12-07) the same
+// 4096 bytes non-temporal (`nta`) when the weights are read once (the decode step's few rows of x):
+// streamed into L2, 139 MB a step had pushed everything else out of L2 and L3 (code, activations,
+// the KV cache), so the work between the matmuls ran cold; a 28-position attention chunk took 7 us
+// in the step against 1.7 with its code and data cached. int8 batch 1, 16-token prompt: 8
+// alternated pairs 5.245 -> 4.940 ms (-5.8%, faster in 8), the attention phase 8.9 -> 6.7 us a
+// layer; 1024-token prompt 7.52 -> 7.43 (3 pairs); batch 4 (compute-bound) unchanged.
+enum class Fill { l1, l2, nta };  // the prefetch hint: into L1, into L2, into L1 without polluting L2/L3
+
 struct StreamAhead {
   int int8_bytes, f32_bytes;  // < 0: no software prefetch (the hardware prefetcher alone)
-  bool into_l2;
+  Fill fill;                  // for weights read once; those read again from L2 (many rows of x) take l2
   template <typename W>
   int bytes() const { return sizeof(W) == 1 ? int8_bytes : f32_bytes; }
+  Fill fill_for(bool read_once) const { return fill == Fill::nta && !read_once ? Fill::l2 : fill; }
 };
 
 inline const StreamAhead& stream_ahead() {
 #ifdef MESHLM_AVX512
-  static const StreamAhead a = __builtin_cpu_is("amd") ? StreamAhead{1024, 4096, false} : StreamAhead{8192, 8192, true};
+  static const StreamAhead a =
+      __builtin_cpu_is("amd") ? StreamAhead{1024, 4096, Fill::l1} : StreamAhead{8192, 8192, Fill::l2};
 #else
-  static const StreamAhead a{4096, -1, true};
+  static const StreamAhead a{4096, -1, Fill::nta};
 #endif
   return a;
 }
 
-// The n cache lines from p on: into L2 or L1 (_mm_prefetch takes its hint as a constant).
-inline void prefetch_lines(const char* p, int n, bool into_l2) {
-  if (into_l2)
-    for (int l = 0; l < n; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
-  else
-    for (int l = 0; l < n; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+// The n cache lines from p on, with hint `fill` (_mm_prefetch takes its hint as a constant). One loop
+// with the hint picked inside it: GCC 12 deleted the whole if/else chain of three loops of prefetches
+// alone (the int8 stream then ran on the hardware prefetcher, ~25% slower).
+inline void prefetch_lines(const char* p, int n, Fill fill) {
+  for (int l = 0; l < n; ++l, p += 64) switch (fill) {
+      case Fill::l2: _mm_prefetch(p, _MM_HINT_T1); break;
+      case Fill::nta: _mm_prefetch(p, _MM_HINT_NTA); break;
+      default: _mm_prefetch(p, _MM_HINT_T0);
+    }
 }
 
 #endif
@@ -240,7 +253,7 @@ void packed1(const float* x, const W* w, const float* s, float* y, int64_t R) {
     UNROLL for (int j = 0; j < 4; ++j) a[i][j] = _mm512_setzero_ps();
   int64_t r = 0;
   for (; r + 2 <= R; r += 2, w += 2 * PW) {
-    prefetch_lines(reinterpret_cast<const char*>(w) + ahead.bytes<W>(), 2 * kRowBytes / 64, ahead.into_l2);
+    prefetch_lines(reinterpret_cast<const char*>(w) + ahead.bytes<W>(), 2 * kRowBytes / 64, ahead.fill);
     UNROLL for (int i = 0; i < 2; ++i) {
       const __m512 xb = _mm512_set1_ps(x[r + i]);
       UNROLL for (int j = 0; j < 4; ++j) a[i][j] = _mm512_fmadd_ps(xb, load16(w + i * PW + 16 * j), a[i][j]);
@@ -269,7 +282,7 @@ void packed_rows(const float* x, int64_t xs, const W* w, const float* s, float* 
   UNROLL for (int m = 0; m < NM; ++m)
     UNROLL for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
   for (int64_t r = 0; r < R; ++r, w += PW) {
-    prefetch_lines(reinterpret_cast<const char*>(w) + ahead.bytes<W>(), kRowBytes / 64, ahead.into_l2);
+    prefetch_lines(reinterpret_cast<const char*>(w) + ahead.bytes<W>(), kRowBytes / 64, ahead.fill);
     __m512 wv[4];
     UNROLL for (int j = 0; j < 4; ++j) wv[j] = load16(w + 16 * j);
     UNROLL for (int m = 0; m < NM; ++m) {
@@ -370,7 +383,7 @@ inline void packed1_vnni(const RowTerms& xt, const int8_t* w, const float* s, fl
   const StreamAhead& ahead = stream_ahead();
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4, p += 4 * PW) {
-    prefetch_lines(reinterpret_cast<const char*>(p) + ahead.int8_bytes, 4, ahead.into_l2);
+    prefetch_lines(reinterpret_cast<const char*>(p) + ahead.int8_bytes, 4, ahead.fill);
     __m512i row[4];
     UNROLL for (int i = 0; i < 4; ++i) row[i] = _mm512_loadu_si512(p + i * PW);
     int32_t t4[3];
@@ -470,7 +483,7 @@ constexpr int64_t kPassRows = 32;  // panel rows per block of passes (8 KiB of f
 // passes together fetch every line of the rows ahead once.
 template <int NM, int NV, typename W>
 void packed_cols(const float* x, int64_t xs, const W* w, float* y, int64_t ys, int64_t b0, int64_t b1, int c0,
-                 bool first, int64_t ahead, bool into_l2) {
+                 bool first, int64_t ahead, Fill fill) {
   const int first_line = (c0 * int(sizeof(W)) + 63) / 64 * 64, end = (c0 + 8 * NV) * int(sizeof(W));
   __m256 a[NM][NV];
   UNROLL for (int m = 0; m < NM; ++m)
@@ -478,7 +491,7 @@ void packed_cols(const float* x, int64_t xs, const W* w, float* y, int64_t ys, i
   const W* p = w + b0 * PW;
   for (int64_t r = b0; r < b1; ++r, p += PW) {
     if (ahead >= 0)
-      for (int l = first_line; l < end; l += 64) prefetch_lines(reinterpret_cast<const char*>(p) + ahead + l, 1, into_l2);
+      for (int l = first_line; l < end; l += 64) prefetch_lines(reinterpret_cast<const char*>(p) + ahead + l, 1, fill);
     if constexpr (NM + NM * NV + 1 <= 16) {  // the NM broadcasts held, one weight vector at a time
       __m256 xb[NM];
       UNROLL for (int m = 0; m < NM; ++m) xb[m] = _mm256_broadcast_ss(x + m * xs + r);
@@ -511,9 +524,9 @@ constexpr int kGroupRows = 6;  // rows of x per register tile (panel_rows)
 // NM * NV <= 12 accumulators (one row of x: the whole 64-column panel row, 8 FMA chains, in one pass).
 template <int NM, typename W>
 void block_passes(const float* x, int64_t xs, const W* w, float* y, int64_t ys, int64_t b0, int64_t b1, bool first,
-                  int64_t ahead, bool into_l2) {
+                  int64_t ahead, Fill fill) {
   constexpr int NV = NM == 1 ? 8 : NM == 2 ? 4 : 2;
-  for (int c0 = 0; c0 < PW; c0 += 8 * NV) packed_cols<NM, NV>(x, xs, w, y, ys, b0, b1, c0, first, ahead, into_l2);
+  for (int c0 = 0; c0 < PW; c0 += 8 * NV) packed_cols<NM, NV>(x, xs, w, y, ys, b0, b1, c0, first, ahead, fill);
 }
 
 // As the AVX-512 panel_rows: all M rows of x (xs apart) against rows [r0, r1) of one packed panel,
@@ -540,17 +553,18 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
   const StreamAhead& st = stream_ahead();
   const int64_t ahead = M == 1 ? st.bytes<W>() : std::max<int64_t>(st.bytes<W>(), kPassRows * PW * sizeof(W));
   const int64_t block = M == 1 ? std::max<int64_t>(r1 - r0, 1) : kPassRows;  // one row of x: one pass
+  const Fill fill = st.fill_for(M <= kStreamMaxM);  // more rows re-read the range from L2
   auto group = [&](int64_t m, int64_t b0) {
     const int64_t b1 = std::min(r1, b0 + block), pf = m == 0 ? ahead : -1;
     const float* xm = x + m * xs;
     float* ym = y + m * ys;
     switch (std::min<int64_t>(kGroupRows, M - m)) {
-      case 1: return block_passes<1>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
-      case 2: return block_passes<2>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
-      case 3: return block_passes<3>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
-      case 4: return block_passes<4>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
-      case 5: return block_passes<5>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
-      default: return block_passes<6>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, st.into_l2);
+      case 1: return block_passes<1>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, fill);
+      case 2: return block_passes<2>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, fill);
+      case 3: return block_passes<3>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, fill);
+      case 4: return block_passes<4>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, fill);
+      case 5: return block_passes<5>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, fill);
+      default: return block_passes<6>(xm, xs, panel, ym, ys, b0, b1, b0 == r0, pf, fill);
     }
   };
   if (M <= kStreamMaxM)
