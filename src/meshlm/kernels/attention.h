@@ -587,14 +587,11 @@ class DecodeAttention {
     const int64_t H = K * G;
     // the partials' storage, kept by the calling thread from call to call (one call at a time each)
     thread_local std::vector<float> partials;
-    thread_local std::unique_ptr<std::atomic<int64_t>[]> left;
-    thread_local int64_t left_capacity = 0;
+    thread_local Atomics<int64_t> left;
     const int64_t n = B * n_.P * H;
     partials.resize(n * (2 + D));
     m_ = partials.data(), l_ = m_ + n, o_ = l_ + n;
-    if (B > left_capacity) left = std::make_unique<std::atomic<int64_t>[]>(B), left_capacity = B;
-    left_ = left.get();
-    for (int64_t b = 0; b < B; ++b) left_[b].store(n_.P, std::memory_order_relaxed);
+    left_ = left.fill(B, n_.P);
     units_ = B * n_.P;
     shares_ = B == 1 ? units_ : split_chunks(pool, units_, 1, bytes);  // B == 1: one chunk a share
   }

@@ -75,19 +75,32 @@ inline void spin_pause() {
 #endif
 }
 
+// n atomics set to `value`, in storage kept from call to call (grown, never shrunk): a call's flags
+// and counters without an allocation a call.
+template <typename T>
+class Atomics {
+ public:
+  std::atomic<T>* fill(int64_t n, T value) {
+    if (n > size_) data_ = std::make_unique<std::atomic<T>[]>(n), size_ = n;
+    for (int64_t i = 0; i < n; ++i) data_[i].store(value, std::memory_order_relaxed);
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<std::atomic<T>[]> data_;
+  int64_t size_ = 0;
+};
+
 // One kernel call split into chunks that threads claim from a counter.
 struct Job : Task {
   std::function<void(int64_t)> chunk;  // runs chunk i
   int64_t chunks = 0;
-  std::atomic<int64_t> next{0}, finished{0};
+  std::atomic<int64_t> next{0};
 
   bool wanted() const override { return next.load() < chunks; }
   void join() override { drain(); }
   void drain() {
-    for (int64_t i; (i = next.fetch_add(1)) < chunks;) {
-      chunk(i);
-      finished.fetch_add(1, std::memory_order_release);
-    }
+    for (int64_t i; (i = next.fetch_add(1)) < chunks;) chunk(i);
   }
 };
 
@@ -207,8 +220,7 @@ ffi::Future run_split_indexed(ffi::ThreadPool& pool, int64_t C, int64_t align, i
   board.post(&job);
   board.recruit(pool, std::min(chunks, std::max<int64_t>(1, pool.num_threads())) - 1);
   job.drain();
-  board.retire(&job);  // also waits for the helpers' claimed chunks
-  while (job.finished.load(std::memory_order_acquire) < chunks) spin_pause();
+  board.retire(&job);  // returns once every helper has left, so its claimed chunks are done
   return done_future();
 }
 
@@ -279,8 +291,9 @@ class Team : public Task {
     for (auto& fn : first_) fn();
     opened_.store(1, std::memory_order_release);
     work(0, 0);
-    if (most > 1) board.retire(this);  // returns once no helper is inside: the Team may be reused
-    while (opened_.load(std::memory_order_acquire) <= used_) spin_pause();
+    // returns once no helper is inside: every phase is done (the caller ran what no helper claimed)
+    // and the Team may be reused
+    if (most > 1) board.retire(this);
   }
 
   bool wanted() const override { return opened_.load() <= used_; }
@@ -295,8 +308,7 @@ class Team : public Task {
       shares = n, share = std::move(fn), warm = std::move(w);
       then.clear();
       done.store(0, std::memory_order_relaxed);
-      if (n > capacity) taken = std::make_unique<std::atomic<bool>[]>(n), capacity = n;
-      for (int64_t i = 0; i < n; ++i) taken[i].store(false, std::memory_order_relaxed);
+      taken = flags.fill(n, false);
     }
     // share `rank` if free, else the first free one; -1: none left
     int64_t claim(int64_t rank) {
@@ -305,10 +317,11 @@ class Team : public Task {
         if (!taken[i].load(std::memory_order_relaxed) && !taken[i].exchange(true)) return i;
       return -1;
     }
-    int64_t shares = 0, capacity = 0;
+    int64_t shares = 0;
     Share share, warm;
     std::vector<std::function<void()>> then;
-    std::unique_ptr<std::atomic<bool>[]> taken;
+    Atomics<bool> flags;
+    std::atomic<bool>* taken = nullptr;  // share i claimed (flags' storage)
     std::atomic<int64_t> done{0};
   };
 
