@@ -2,7 +2,7 @@
 in the same run: time to first token and decode time per token at each batch size.
 
     python benchmarks/vs_llamacpp.py [--batch 1,8] [--prompt-len 128] [--gen-len 64] [--threads 2]
-                                     [--quantize none,int8] [--llama-python PATH]
+                                     [--quantize none,int8] [--repeats 3] [--visits 1] [--llama-python PATH]
                                      [--out benchmarks/results/vs_llamacpp.json]
 
 llama-cpp-python compiles from source (~10 minutes on 2 cores), so it is not a project
@@ -19,7 +19,9 @@ running this file with --worker. Without it the script says so and exits 2.
 
 llama.cpp runs the GGUF's own quantization (SmolLM2: Q4_1) with --threads threads, all batch
 sequences in one llama_batch per step (n_seq_max = batch). meshlm runs the same file dequantized
-(f32) or re-quantized to int8 at load, on the local devices.
+(f32) or re-quantized to int8 at load, on the local devices. With --visits V both engines are
+measured V times, alternately (meshlm a fresh deployment each visit), and compared by the medians
+of their visits: on a shared host a slow stretch then meets both rather than one.
 """
 
 from __future__ import annotations
@@ -90,6 +92,13 @@ def worker(args) -> dict:
     return {"ttft_s": statistics.median(ttfts), "decode_p50_s": p50, "tokens_per_s": B / p50, "tokens": tokens}
 
 
+def median_visit(B: int, xs: list[dict]) -> dict:
+    """One engine's visits as one measurement, as `meshlm bench --visits` merges them: the medians of
+    their TTFT and decode p50; the rest (weights, tokens) from the first visit."""
+    p50 = statistics.median(x["decode_p50_s"] for x in xs)
+    return {**xs[0], "ttft_s": statistics.median(x["ttft_s"] for x in xs), "decode_p50_s": p50, "tokens_per_s": B / p50}
+
+
 def llama_python(explicit: str | None) -> str | None:
     try:
         import llama_cpp  # noqa: F401
@@ -132,11 +141,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantize", default="none,int8")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--visits", type=int, default=1,
+                    help="measure both engines this many times, alternately (meshlm a fresh deployment each "
+                         "time); the medians of the visits' TTFT and decode p50 are compared")
     ap.add_argument("--llama-python", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vs_llamacpp.json"))
     args = ap.parse_args(argv)
+    if args.visits < 1 or args.repeats < 1:
+        ap.error("--visits and --repeats must be at least 1")
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
@@ -159,29 +173,41 @@ def main(argv=None) -> int:
     from vs_transformers import TEXT  # the same prompt text as the transformers comparison
 
     ids1 = host.tokenizer.encode(TEXT * 64)[:args.prompt_len]
+    weights = args.quantize.split(",")
     rows = []
     for B in [int(b) for b in args.batch.split(",")]:
         ids = [ids1] * B
-        load = os.getloadavg()[0]
-        r = subprocess.run([py, os.path.abspath(__file__), "--worker", "--gguf", gguf, "--gen-len", str(args.gen_len),
-                            "--threads", str(args.threads), "--repeats", str(args.repeats)],
-                           input=json.dumps(ids), capture_output=True, text=True)
-        if r.returncode != 0:
-            print(worker_failure(r.returncode, r.stderr), file=sys.stderr)
-            return 2
-        ll = json.loads(r.stdout.strip().splitlines()[-1])
+        loads, lls, ms = [], [], {w: [] for w in weights}
+        for v in range(args.visits):  # both engines once a visit: a slow stretch of the host meets both
+            loads.append(os.getloadavg()[0])
+            r = subprocess.run([py, os.path.abspath(__file__), "--worker", "--gguf", gguf, "--gen-len",
+                                str(args.gen_len), "--threads", str(args.threads), "--repeats", str(args.repeats)],
+                               input=json.dumps(ids), capture_output=True, text=True)
+            if r.returncode != 0:
+                print(worker_failure(r.returncode, r.stderr), file=sys.stderr)
+                return 2
+            lls.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            for w in weights:  # a fresh deployment each visit, as `meshlm bench --visits`
+                ms[w].append(bench.on_prompts(host, ids, None if w == "none" else w, args.gen_len, args.repeats))
+            if args.visits > 1:
+                print(f"visit {v + 1}/{args.visits} B={B}: llama.cpp {lls[-1]['decode_p50_s'] * 1e3:.2f} ms/step, "
+                      + ", ".join(f"meshlm {ms[w][-1]['weights']} {ms[w][-1]['decode_p50_s'] * 1e3:.2f}" for w in weights),
+                      flush=True)
+        ll = median_visit(B, lls)
         print(f"llama.cpp (GGUF quant, {args.threads} threads) B={B}: TTFT {ll['ttft_s'] * 1e3:7.1f} ms  decode "
-              f"{ll['decode_p50_s'] * 1e3:6.2f} ms/step  {ll['tokens_per_s']:6.1f} tokens/s  (load {load:.1f})",
+              f"{ll['decode_p50_s'] * 1e3:6.2f} ms/step  {ll['tokens_per_s']:6.1f} tokens/s  (load {loads[0]:.1f})",
               flush=True)
-        for w in args.quantize.split(","):
-            m = bench.on_prompts(host, ids, None if w == "none" else w, args.gen_len, args.repeats)
-            same = sum(a == b for a, b in zip(m["tokens"][0], ll["tokens"][0]))
+        for w in weights:
+            m = median_visit(B, ms[w])
+            same = sum(a == b for a, b in zip(ms[w][0]["tokens"][0], lls[0]["tokens"][0]))
             row = {"batch": B, "weights": m["weights"], "llama_ttft_s": ll["ttft_s"],
                    "llama_decode_p50_s": ll["decode_p50_s"], "llama_tokens_per_s": ll["tokens_per_s"],
                    "meshlm_ttft_s": m["ttft_s"], "meshlm_decode_p50_s": m["decode_p50_s"],
                    "meshlm_tokens_per_s": m["tokens_per_s"],
                    "ratio_tokens_per_s": m["tokens_per_s"] / ll["tokens_per_s"],
-                   "greedy_tokens_equal_to_llama": f"{same}/{len(m['tokens'][0])}", "loadavg_1m": load}
+                   "greedy_tokens_equal_to_llama": f"{same}/{len(ms[w][0]['tokens'][0])}", "loadavg_1m": loads[0],
+                   "visits": args.visits, "llama_decode_p50_visits_s": [x["decode_p50_s"] for x in lls],
+                   "meshlm_decode_p50_visits_s": [x["decode_p50_s"] for x in ms[w]]}
             rows.append(row)
             print(f"meshlm {row['weights']:4s}                      B={B}: TTFT {m['ttft_s'] * 1e3:7.1f} ms  decode "
                   f"{m['decode_p50_s'] * 1e3:6.2f} ms/step  {m['tokens_per_s']:6.1f} tokens/s  -> "

@@ -1,6 +1,7 @@
 """Helpers of the benchmark scripts that their numbers rest on: the plain read that
 benchmarks/stream_sizes.py measures the weight streams against reads every byte it is given, on any
-thread count and size, and its table prints from the rows the script writes."""
+thread count and size, and its table prints from the rows the script writes; benchmarks/vs_llamacpp.py
+compares the engines by the medians of their visits and refuses a visit count below 1."""
 
 import ctypes
 import importlib.util
@@ -13,11 +14,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _stream_sizes():
-    spec = importlib.util.spec_from_file_location("stream_sizes", ROOT / "benchmarks" / "stream_sizes.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _stream_sizes():
+    return _script("stream_sizes")
 
 
 def _expected(buf: np.ndarray) -> int:
@@ -46,3 +51,23 @@ def test_table_prints_curves_reads_and_ratios(capsys):
     _stream_sizes().print_table(rows)
     out = capsys.readouterr().out.splitlines()
     assert out[1].split("|")[1:] == ["     28.0 ", "     30.0 ", "        95%"]
+
+
+def test_comparison_takes_the_median_of_each_engines_visits():
+    median_visit = _script("vs_llamacpp").median_visit
+    visits = [{"ttft_s": 0.30, "decode_p50_s": 0.0050, "tokens": [[1, 2]], "weights": "int8"},
+              {"ttft_s": 0.10, "decode_p50_s": 0.0030, "tokens": [[3, 4]], "weights": "int8"},
+              {"ttft_s": 0.20, "decode_p50_s": 0.0040, "tokens": [[5, 6]], "weights": "int8"}]
+    m = median_visit(8, visits)
+    assert (m["ttft_s"], m["decode_p50_s"]) == (0.20, 0.0040)
+    assert m["tokens_per_s"] == pytest.approx(8 / 0.0040)
+    assert m["tokens"] == [[1, 2]]  # greedy tokens are compared from the first visit
+    assert median_visit(1, visits[:2])["decode_p50_s"] == pytest.approx(0.0040)  # even: the mean of the middle two
+
+
+@pytest.mark.parametrize("flag", ["--visits", "--repeats"])
+def test_comparison_refuses_fewer_than_one_visit_or_repeat(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        _script("vs_llamacpp").main([flag, "0"])
+    assert e.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
