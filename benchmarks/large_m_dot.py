@@ -6,8 +6,8 @@ point M = 4096) does not see (docs/performance.md, Not done: the largest f32 pre
                                      [--out benchmarks/results/large_m_dot.json]
 
 Three paths per M: plain `jnp.dot` on an f32 weight, and `quant.dot_rows` (what the engine runs) on
-the weight packed as f32 panels and as int8 panels with per-column scales. Each is timed `repeats`
-times after a warm-up, the median kept; the default shape is SmolLM2-135M's FFN (d_model 576,
+the weight packed as f32 panels and as int8 panels with per-column scales. The three are timed in
+`repeats` interleaved rounds after a warm-up (`calibrate._interleaved`), the medians kept; the default shape is SmolLM2-135M's FFN (d_model 576,
 d_ff 1536).
 """
 
@@ -16,25 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meshlm import quant
+from meshlm import calibrate, quant
 from meshlm.bench import write_json
 from meshlm.cli import int_list
-
-
-def median_seconds(f, *args, repeats: int) -> float:
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def main() -> int:
@@ -61,7 +50,9 @@ def main() -> int:
     print(f"{'M':>7} {'out MiB':>8} " + " ".join(f"{p:>14}" for p in paths))
     for M in args.m:
         x = jnp.asarray(rng.standard_normal((M, R), np.float32))
-        rates = {p: 2 * M * R * C / median_seconds(f, x, wt, repeats=args.repeats) for p, (f, wt) in paths.items()}
+        times = calibrate._interleaved([lambda f=f, wt=wt: jax.block_until_ready(f(x, wt)) for f, wt in paths.values()],
+                                       args.repeats)
+        rates = {p: 2 * M * R * C / t for p, t in zip(paths, times)}
         rows.append({"m": M, "out_bytes": M * C * 4, "flops_per_s": rates})
         print(f"{M:7d} {M * C * 4 / 2**20:8.1f} " + " ".join(f"{r / 1e9:14.0f}" for r in rates.values()), flush=True)
     write_json(args.out, {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),

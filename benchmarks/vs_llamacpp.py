@@ -177,9 +177,8 @@ def main(argv=None) -> int:
     rows = []
     for B in [int(b) for b in args.batch.split(",")]:
         ids = [ids1] * B
-        loads, lls, ms = [], [], {w: [] for w in weights}
+        load, lls, ms = os.getloadavg()[0], [], {w: [] for w in weights}
         for v in range(args.visits):  # both engines once a visit: a slow stretch of the host meets both
-            loads.append(os.getloadavg()[0])
             r = subprocess.run([py, os.path.abspath(__file__), "--worker", "--gguf", gguf, "--gen-len",
                                 str(args.gen_len), "--threads", str(args.threads), "--repeats", str(args.repeats)],
                                input=json.dumps(ids), capture_output=True, text=True)
@@ -195,7 +194,7 @@ def main(argv=None) -> int:
                       flush=True)
         ll = median_visit(B, lls)
         print(f"llama.cpp (GGUF quant, {args.threads} threads) B={B}: TTFT {ll['ttft_s'] * 1e3:7.1f} ms  decode "
-              f"{ll['decode_p50_s'] * 1e3:6.2f} ms/step  {ll['tokens_per_s']:6.1f} tokens/s  (load {loads[0]:.1f})",
+              f"{ll['decode_p50_s'] * 1e3:6.2f} ms/step  {ll['tokens_per_s']:6.1f} tokens/s  (load {load:.1f})",
               flush=True)
         for w in weights:
             m = median_visit(B, ms[w])
@@ -205,7 +204,7 @@ def main(argv=None) -> int:
                    "meshlm_ttft_s": m["ttft_s"], "meshlm_decode_p50_s": m["decode_p50_s"],
                    "meshlm_tokens_per_s": m["tokens_per_s"],
                    "ratio_tokens_per_s": m["tokens_per_s"] / ll["tokens_per_s"],
-                   "greedy_tokens_equal_to_llama": f"{same}/{len(ms[w][0]['tokens'][0])}", "loadavg_1m": loads[0],
+                   "greedy_tokens_equal_to_llama": f"{same}/{len(ms[w][0]['tokens'][0])}", "loadavg_1m": load,
                    "visits": args.visits, "llama_decode_p50_visits_s": [x["decode_p50_s"] for x in lls],
                    "meshlm_decode_p50_visits_s": [x["decode_p50_s"] for x in ms[w]]}
             rows.append(row)

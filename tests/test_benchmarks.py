@@ -21,10 +21,6 @@ def _script(name: str):
     return mod
 
 
-def _stream_sizes():
-    return _script("stream_sizes")
-
-
 def _expected(buf: np.ndarray) -> int:
     """The buffer's little-endian 64-bit words and its bytes past the last whole word, summed mod 2^64."""
     words = len(buf) // 8
@@ -36,7 +32,7 @@ def _expected(buf: np.ndarray) -> int:
 @pytest.mark.parametrize("nbytes", [0, 7, 64, 1000, 4096 + 77, 1 << 20])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_plain_read_reads_every_byte(nbytes, threads):
-    read = _stream_sizes().plain_reader()
+    read = _script("stream_sizes").plain_reader()
     buf = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
     got = ctypes.c_uint64()
     seconds = read(buf.ctypes.data, nbytes, threads, 3, 4096, ctypes.byref(got))
@@ -48,7 +44,7 @@ def test_table_prints_curves_reads_and_ratios(capsys):
     rows = [{"weights": "int8", "bytes": 64 << 20, "gb_per_s": 27.0, "vs_read": 0.9},
             {"weights": "int8", "bytes": 64 << 20, "gb_per_s": 29.0, "vs_read": 1.0},
             {"weights": "read x2", "bytes": 64 << 20, "gb_per_s": 30.0}]
-    _stream_sizes().print_table(rows)
+    _script("stream_sizes").print_table(rows)
     out = capsys.readouterr().out.splitlines()
     assert out[1].split("|")[1:] == ["     28.0 ", "     30.0 ", "        95%"]
 

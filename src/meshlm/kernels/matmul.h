@@ -33,7 +33,6 @@
 #define MESHLM_VNNI 1
 #endif
 #elif defined(__AVX2__) && defined(__FMA__)
-#include <cpuid.h>
 #include <immintrin.h>
 #define MESHLM_AVX2 1
 #endif
@@ -84,14 +83,16 @@ struct StreamAhead {
   Fill fill_for(bool read_once) const { return fill == Fill::nta && !read_once ? Fill::l2 : fill; }
 };
 
-// cpuid's family (base + extended): 0x17 Zen 1-2, 0x19 Zen 3-4, 0x1A Zen 5 (GCC 12's
-// __builtin_cpu_is knows no Zen 4 or 5).
+#ifdef MESHLM_AVX512
+// cpuid's family (base + extended): 0x19 Zen 4, 0x1A Zen 5 (GCC 12's __builtin_cpu_is knows no
+// Zen 4 or 5).
 inline unsigned amd_family() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
   unsigned base = (a >> 8) & 0xF;
   return base == 0xF ? base + ((a >> 20) & 0xFF) : base;
 }
+#endif
 
 inline const StreamAhead& stream_ahead() {
 #ifdef MESHLM_AVX512
