@@ -156,3 +156,30 @@ def test_stream_curve_never_rises_with_the_working_set(monkeypatch):
                                  (256, 1024), call, log=lambda s: None)
     assert [b for b, _ in out] == [pair, 2 * pair, 4 * pair]
     assert [r for _, r in out] == pytest.approx([3e9, 3e9, 2e9], rel=1e-12)
+
+
+def test_matmul_curve_times_each_band_of_m_apart(monkeypatch):
+    """The streamed (M < 256), compute-bound (256-4096) and past-the-cache (> 4096) points are timed
+    in separate interleaved groups (a large call among smaller ones slows them), and each point's
+    rate is its work over its own time."""
+    import jax
+
+    import meshlm.calibrate as c
+
+    groups = []
+
+    def timed(calls, rounds):
+        groups.append(len(calls))
+        return [1.0 + 0.5 * len(groups) + i for i in range(len(calls))]
+
+    monkeypatch.setattr(c, "_interleaved", timed)
+    ms = (1, 8, 256, 4096, 16384)
+    E, F = 64, 128
+    out = c.measure_matmul_curve(c._mesh(jax.devices()[:1]), 1, "f32", "f32", ms, 4 * 2 * E * F * 4, (E, F),
+                                 log=lambda s: None)
+    assert groups == [2, 2, 1]
+    # the chain holds 4 pairs: streamed points run all of them, large ones max(1, min(4, 1024 // M))
+    pairs = {1: 4, 8: 4, 256: 4, 4096: 1, 16384: 1}
+    times = {1: 1.5, 8: 2.5, 256: 2.0, 4096: 3.0, 16384: 2.5}
+    assert [m for m, _ in out] == list(ms)
+    assert [r for _, r in out] == pytest.approx([4.0 * m * E * F * pairs[m] / times[m] for m in ms], rel=1e-12)

@@ -191,7 +191,10 @@ def measure_collectives(mesh, n: int, sizes_bytes: list[int]) -> tuple[float, fl
     return bw, max(float(icpt), 0.0), samples
 
 
-CURVE_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# the top point prices the largest prefills: past M = 4096 the activations outgrow the last-level
+# cache, and XLA's f32 dot read 341 GFLOP/s at M = 16384 against 412 at 4096 (Zen 5); a curve that
+# ended at 4096 priced a 16 x 1024 prefill 25-32% fast
+CURVE_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 CURVE_M_QUICK = (1, 8, 64, 512)
 CURVE_E, CURVE_F = 1024, 4096
 _DTYPES = {"f32": "float32", "bf16": "bfloat16"}
@@ -229,12 +232,13 @@ def measure_matmul_curve(mesh, n: int, weights: str, compute: str, ms, min_bytes
         f = _per_device(mesh, body, x, *ws)
         calls.append(lambda f=f, x=x, ws=ws: jax.block_until_ready(f(x, *ws)))
         work.append(4.0 * m * E * F * k)
-    # the streamed (M < 256) and the compute-bound points are interleaved separately: a large-M
-    # call between two streamed ones slowed them by a third (its big buffers, its page faults)
-    small = [i for i, m in enumerate(ms) if m < 256]
-    large = [i for i, m in enumerate(ms) if m >= 256]
-    times = dict(zip(small, _interleaved([calls[i] for i in small], rounds=7)))
-    times.update(zip(large, _interleaved([calls[i] for i in large], rounds=7)))
+    # the streamed (M < 256), the compute-bound and the past-the-cache (M > 4096) points are
+    # interleaved separately: a large-M call between two streamed ones slowed them by a third (its
+    # big buffers, its page faults), an M = 16384 call among M = 256-512 ones slowed those by 25-30%
+    times = {}
+    for band in (lambda m: m < 256, lambda m: 256 <= m <= 4096, lambda m: m > 4096):
+        idx = [i for i, m in enumerate(ms) if band(m)]
+        times.update(zip(idx, _interleaved([calls[i] for i in idx], rounds=7)))
     out = [(m, work[i] / times[i]) for i, m in enumerate(ms)]
     log(f"  {weights}: " + ", ".join(f"M={m} {r / 1e9:.0f}" for m, r in out) + " GFLOP/s")
     return out
