@@ -204,10 +204,12 @@ def test_missing_compiler_falls_back_with_one_warning(tmp_path):
 
 
 def test_packed_crossover_follows_the_kernels_code_path():
-    """AVX-512 kernels take packed int8 at any M and f32 up to KERNEL_MAX_M; the AVX2 and portable
-    paths hand both to XLA's GEMM above KERNEL_MAX_M_PACKED_AVX2 (measured: quant.py)."""
+    """AVX-512 kernels take packed int8 and f32 at any M; the AVX2 and portable paths hand both to
+    XLA's GEMM above KERNEL_MAX_M_PACKED_AVX2 (measured: quant.py)."""
+    big = quant.KERNEL_MAX_M_PACKED_AVX2 + 1
     if kernels.isa() == "avx512":
-        assert quant.packed_kernel_max_m(True) == float("inf") and quant.packed_kernel_max_m(False) == quant.KERNEL_MAX_M
+        assert quant.packed_kernel_max_m(True) == quant.packed_kernel_max_m(False) == float("inf")
+        assert quant.use_kernel(16384, packed="f32") and quant.use_kernel(16384, packed="int8")
     else:
         assert quant.packed_kernel_max_m(True) == quant.packed_kernel_max_m(False) == quant.KERNEL_MAX_M_PACKED_AVX2
-    assert not quant.use_kernel(quant.KERNEL_MAX_M + 1, packed="f32")
+        assert not quant.use_kernel(big, packed="f32") and not quant.use_kernel(big, packed="int8")

@@ -192,8 +192,9 @@ def measure_collectives(mesh, n: int, sizes_bytes: list[int]) -> tuple[float, fl
 
 
 # the top point prices the largest prefills: past M = 4096 the activations outgrow the last-level
-# cache, and XLA's f32 dot read 341 GFLOP/s at M = 16384 against 412 at 4096 (Zen 5); a curve that
-# ended at 4096 priced a 16 x 1024 prefill 25-32% fast
+# cache; on Zen 5 (2026-12-08) XLA's f32 dot, which f32 then took there, read 333-346 GFLOP/s at
+# M = 16384 against 410-416 at 4096, and a curve that ended at 4096 priced a 16 x 1024 prefill
+# 25-32% fast
 CURVE_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 CURVE_M_QUICK = (1, 8, 64, 512)
 CURVE_E, CURVE_F = 1024, 4096

@@ -50,6 +50,8 @@ constexpr int64_t kStreamMaxM = 8;  // rows of x up to which a packed matmul is 
 constexpr int64_t kSplitRows = 16;  // a thread's share of a packed weight is a multiple of this many panel rows
 constexpr int64_t kWarmBytes = 16 << 10;  // PackedMatmul::warm: of a share's first weights
 constexpr int64_t kRangeSplitMaxM = 128;  // rows of x up to which packed_split cuts panels (measured up to there)
+constexpr int64_t kWholeRows = 256;    // rows of x per unit of work above kRangeSplitMaxM (PackedMatmul)
+constexpr int64_t kWholeShares = 16;   // shares per thread there: many units, each a large piece of work
 
 #if defined(MESHLM_AVX512) || defined(MESHLM_AVX2)
 
@@ -708,6 +710,14 @@ inline void matmul_t_rows(const float* x, const int8_t* q, float* y, int64_t M, 
 // Widening blocks into L1 first and tiling them (panels, as the row-major kernel does) was slower
 // at every M measured, 2-256: int8 8.5 vs 2.2 ms at M = 4, 112-142 vs 81 at 256
 // (benchmarks/packed_matmul.py).
+// f32 with AVX-512 and more than kStreamMaxM rows (compute-bound): 6 rows at a time, 24 of the 32
+// registers accumulating, 24 FMAs per panel row loaded against 16 (Zen 5, 2026-12-08, 4 FFN pairs,
+// alternated builds, with the chunk split of PackedMatmul): M = 64 / 128 / 256 at 30 layers 16.6 /
+// 29.6-31.2 / 60-61 ms against 20.1-21.1 / 38.9-39.8 / 79.5-86.3 with 4 rows; at M = 4096 4 rows
+// took 170-171 ms against 120-145. int8 keeps 4: 6 was faster only at large M (M = 16384 481-526
+// against 540-546 ms) and slower below (M = 16 / 256 at 8 layers 2.1 / 21.4-23.3 against 1.4-1.8 /
+// 19.4-20.8), where int8 decodes and prefills. Row blocks of the panel sized for L1
+// (8-128 KiB) made no difference either way (f32 M = 4096: 115-125 ms with and without) and are not kept.
 #ifndef MESHLM_AVX2
 template <typename W>
 void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, float* y, int64_t ys, int64_t M,
@@ -716,6 +726,10 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
   panel += r0 * PW;
   const int64_t n = r1 - r0;
   int64_t m = 0;
+#ifdef MESHLM_AVX512
+  if (std::is_same_v<W, float> && M > kStreamMaxM)  // f32 compute-bound: 6 rows (see above)
+    for (; m + 6 <= M; m += 6) packed_rows<6>(x + m * xs, xs, panel, s, y + m * ys, ys, n);
+#endif
   for (; m + 4 <= M; m += 4) packed_rows<4>(x + m * xs, xs, panel, s, y + m * ys, ys, n);
   switch (M - m) {
     case 1: packed1(x + m * xs, panel, s, y + m * ys, n); break;
@@ -742,8 +756,13 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
 //   thread a panel more of the 9-panel matrices: on the Zen 2 VM (2026-12-07,
 //   benchmarks/packed_matmul.py, two alternating rounds) ranges took f32 at M = 16, 64, 128
 //   19.6-20.4, 51.4-55.2, 97-107 ms against 21.8-22.1, 58.4-58.7, 109-110; int8 13.1-14.4,
-//   50.6-50.8, 105-107 against 14.9-15.9, 53-55, 110-113. Above kRangeSplitMaxM (only AVX-512 int8
-//   goes there) whole panels, as measured there; ranges are unmeasured at that size.
+//   50.6-50.8, 105-107 against 14.9-15.9, 53-55, 110-113.
+// - above kRangeSplitMaxM (AVX-512 only) units of one whole panel times kWholeRows rows of x, in
+//   chunk-major order: a chunk of x (256 rows of SmolLM2's [M, 576] f32: 576 KiB) stays in L2
+//   while every panel passes it. Whole panels over all of x (the split before 2026-12-08) read x
+//   again for each panel, from memory once x outgrew the L3 (38 MB at M = 16384): Zen 5, 4 FFN
+//   pairs, alternated builds, f32 M = 4096 / 16384 115-133 / 487-550 ms against 162-172 / 776-828
+//   (XLA's GEMM 125-150 / 669-714); int8 (4 rows) 134-137 / 540-546 against 124-143 / 551-574.
 // PackedMatmul is that split as a plan (prepare, shares, finish): packed_split runs it as one call,
 // decoder_layer.cc as phases of a whole layer (ffi_common.h: Team).
 template <typename W>
@@ -753,8 +772,10 @@ class PackedMatmul {
                int64_t C)
       : x_(x), q_(q), s_(s), y_(y), M_(M), R_(R), C_(C), whole_(M > kRangeSplitMaxM) {
     const int64_t bytes = R * C * int64_t(sizeof(W));
-    if (whole_) {  // (AVX-512 int8 only) whole panels, claimed in turn, as measured there
-      units_ = C / PW, align_ = 1, shares_ = split_chunks(pool, units_, 1, bytes);
+    if (whole_) {  // whole panels times chunks of kWholeRows rows of x, chunk-major, claimed in turn
+      panels_ = C / PW;
+      units_ = panels_ * ((M + kWholeRows - 1) / kWholeRows), align_ = 1;
+      shares_ = split_chunks(pool, units_, 1, bytes, kWholeShares);
       return;
     }
     units_ = C / PW * R, align_ = kSplitRows;
@@ -776,16 +797,19 @@ class PackedMatmul {
   // The first kWarmBytes of share i's weights into L2 (a thread waiting to run it: ffi_common.h Team).
   void warm(int64_t i) const {
     const auto [lo, hi] = chunk_range(units_, align_, shares_, i);
-    const int64_t per_unit = (whole_ ? R_ : 1) * PW;  // elements: a panel, or a panel row
-    prefetch_l2(q_ + lo * per_unit, std::min<int64_t>((hi - lo) * per_unit * int64_t(sizeof(W)), kWarmBytes));
+    const int64_t first = whole_ ? lo % panels_ * R_ : lo, rows = whole_ ? R_ : hi - lo;  // panel rows
+    prefetch_l2(q_ + first * PW, std::min<int64_t>(rows * PW * int64_t(sizeof(W)), kWarmBytes));
   }
 
   // Share i < shares(): its panel rows [lo, hi) (chunk_range); a panel it cuts goes to its scratch.
   void share(int64_t i) {
     const auto [lo, hi] = chunk_range(units_, align_, shares_, i);
     if (whole_) {
-      for (int64_t p = lo; p < hi; ++p)
-        panel_rows(x_, R_, q_ + p * R_ * PW, s_ ? s_ + p * PW : nullptr, y_ + p * PW, C_, M_, 0, R_);
+      for (int64_t u = lo; u < hi; ++u) {
+        const int64_t p = u % panels_, m0 = u / panels_ * kWholeRows, m1 = std::min(M_, m0 + kWholeRows);
+        panel_rows(x_ + m0 * R_, R_, q_ + p * R_ * PW, s_ ? s_ + p * PW : nullptr, y_ + m0 * C_ + p * PW, C_,
+                   m1 - m0, 0, R_);
+      }
       return;
     }
     float *head = cut_ + (2 * i) * M_ * PW, *tail = head + M_ * PW;
@@ -839,7 +863,7 @@ class PackedMatmul {
   float* y_;
   const int64_t M_, R_, C_;
   const bool whole_;
-  int64_t units_ = 0, align_ = 1, shares_ = 1;
+  int64_t units_ = 0, align_ = 1, shares_ = 1, panels_ = 1;
   float* cut_ = nullptr;  // per share: the partial sums of its first and last panels (use)
 #ifdef MESHLM_VNNI
   RowTerms terms_;  // one row of int8 weights: integer dot products (packed1_vnni)
