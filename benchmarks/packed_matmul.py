@@ -1,6 +1,6 @@
 """Packed (panel-major) weights on one CPU device: the kernel (kernels.packed_matmul) vs XLA on the
-unpacked weight vs XLA on a row-major copy, per number of activation rows M; picks
-quant.KERNEL_MAX_M for packed weights.
+unpacked weight vs XLA on a row-major copy, per number of activation rows M; picks the crossovers
+of quant.packed_kernel_max_m (on AVX-512 the kernel at any M since 2026-12-08, for f32 too).
 
     python benchmarks/packed_matmul.py [--weights f32,int8] [--m 1,4,16,64,128,256,512]
                                        [--layers 30] [--repeats 5]
@@ -8,7 +8,7 @@ quant.KERNEL_MAX_M for packed weights.
 
 A chain of `layers` SmolLM2 FFN pairs ([576, 1536] then [1536, 576]; 212 MB f32, 53 MB int8 for 30),
 each matmul fed by the previous one's output. "kernel": the packed kernel; "xla_unpacked": the XLA
-path the engine takes above KERNEL_MAX_M (a transpose back to [R, C], then the f32 GEMM, int8
+path the engine takes above the crossover (a transpose back to [R, C], then the f32 GEMM, int8
 dequantized on the way); "xla_row_major": XLA on weights stored row-major (what several devices
 store; int8 through quant.xla_dot_rows). Medians of `repeats` runs, the ways interleaved.
 """
