@@ -727,8 +727,9 @@ void panel_rows(const float* x, int64_t xs, const W* panel, const float* s, floa
   const int64_t n = r1 - r0;
   int64_t m = 0;
 #ifdef MESHLM_AVX512
-  if (std::is_same_v<W, float> && M > kStreamMaxM)  // f32 compute-bound: 6 rows (see above)
-    for (; m + 6 <= M; m += 6) packed_rows<6>(x + m * xs, xs, panel, s, y + m * ys, ys, n);
+  if constexpr (std::is_same_v<W, float>)  // f32 compute-bound: 6 rows at a time (see above)
+    if (M > kStreamMaxM)
+      for (; m + 6 <= M; m += 6) packed_rows<6>(x + m * xs, xs, panel, s, y + m * ys, ys, n);
 #endif
   for (; m + 4 <= M; m += 4) packed_rows<4>(x + m * xs, xs, panel, s, y + m * ys, ys, n);
   switch (M - m) {
