@@ -198,13 +198,13 @@ def main(argv=None) -> int:
               flush=True)
         for w in weights:
             m = median_visit(B, ms[w])
-            same = sum(a == b for a, b in zip(ms[w][0]["tokens"][0], lls[0]["tokens"][0]))
+            same = sum(a == b for a, b in zip(m["tokens"][0], ll["tokens"][0]))  # first visits' (median_visit)
             row = {"batch": B, "weights": m["weights"], "llama_ttft_s": ll["ttft_s"],
                    "llama_decode_p50_s": ll["decode_p50_s"], "llama_tokens_per_s": ll["tokens_per_s"],
                    "meshlm_ttft_s": m["ttft_s"], "meshlm_decode_p50_s": m["decode_p50_s"],
                    "meshlm_tokens_per_s": m["tokens_per_s"],
                    "ratio_tokens_per_s": m["tokens_per_s"] / ll["tokens_per_s"],
-                   "greedy_tokens_equal_to_llama": f"{same}/{len(ms[w][0]['tokens'][0])}", "loadavg_1m": load,
+                   "greedy_tokens_equal_to_llama": f"{same}/{len(m['tokens'][0])}", "loadavg_1m": load,
                    "visits": args.visits, "llama_decode_p50_visits_s": [x["decode_p50_s"] for x in lls],
                    "meshlm_decode_p50_visits_s": [x["decode_p50_s"] for x in ms[w]]}
             rows.append(row)
